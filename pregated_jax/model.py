@@ -1,0 +1,225 @@
+"""The Switch Transformer (T5 encoder-decoder, top-1 MoE every `sparse_step`-th FFN) in Flax NNX.
+
+Routing roles inside one stack, for MoE blocks m_0 < m_1 < ... < m_k:
+- conventional: every m_j owns a `router` that routes its own tokens;
+- pregated: m_0 owns a `router` for itself; m_j (j < k) owns a `pregate` whose decision is consumed by
+  m_{j+1}; m_k owns neither. The decision is a `RouterDecision` value returned by one block call and
+  passed to the next, so an engine can read it between block calls. Pre-gating never crosses stacks.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from pregated_jax.config import SwitchConfig
+from pregated_jax.layers import (Attention, DenseFFN, RelativePositionBias, RMSNorm, causal,
+                                 compute_dtype, dense_init, key_padding, visibility_bias)
+from pregated_jax.moe import Experts
+from pregated_jax.routing import Router, RouterDecision, stack_losses
+
+Array = jax.Array
+StackKind = Literal["encoder", "decoder"]
+
+
+@struct.dataclass
+class KVCache:
+    """Self-attention cache of one decoder block."""
+
+    keys: Array  # [B, heads, max_len, d_kv]
+    values: Array  # [B, heads, max_len, d_kv]
+
+
+@struct.dataclass
+class CrossKV:
+    """Cross-attention keys/values of one decoder block, computed once from the encoder output."""
+
+    keys: Array  # [B, heads, S_enc, d_kv]
+    values: Array  # [B, heads, S_enc, d_kv]
+
+
+@struct.dataclass
+class BlockOutput:
+    hidden: Array  # [B, S, d]
+    decision: RouterDecision | None  # the decision this block's experts used (None: dense block)
+    next_decision: RouterDecision | None  # pre-gate's decision for the next MoE block
+    cache: KVCache | None = None
+
+
+@struct.dataclass
+class ModelAux:
+    """Router losses and per-MoE-block decisions of a forward pass."""
+
+    encoder_z_loss: Array
+    encoder_aux_loss: Array
+    decoder_z_loss: Array
+    decoder_aux_loss: Array
+    encoder_decisions: tuple  # RouterDecision per encoder MoE block, in order
+    decoder_decisions: tuple
+
+
+def routing_roles(config: SwitchConfig, stack: StackKind) -> dict[int, tuple[bool, bool]]:
+    """block index -> (has_router, has_pregate) for every MoE block of a stack."""
+    sparse = config.sparse_blocks(stack)
+    if config.routing == "conventional":
+        return {i: (True, False) for i in sparse}
+    return {i: (j == 0, j < len(sparse) - 1) for j, i in enumerate(sparse)}
+
+
+class Block(nnx.Module):
+    """Self-attention, [cross-attention,] FFN or MoE; each sublayer pre-normed, residual, dropout."""
+
+    def __init__(self, config: SwitchConfig, stack: StackKind, index: int, *, rngs: nnx.Rngs):
+        dtype = compute_dtype(config)
+        norm = lambda: RMSNorm(config.d_model, config.layer_norm_epsilon, dtype)  # noqa: E731
+        self.config = config
+        self.self_attn_norm = norm()
+        self.self_attn = Attention(config, rngs=rngs)
+        self.is_decoder = stack == "decoder"
+        if self.is_decoder:
+            self.cross_attn_norm = norm()
+            self.cross_attn = Attention(config, rngs=rngs)
+        self.ffn_norm = norm()
+        roles = routing_roles(config, stack)
+        self.is_sparse = index in roles
+        if self.is_sparse:
+            has_router, has_pregate = roles[index]
+            self.experts = Experts(config, rngs=rngs)
+            jitter = config.router_jitter_noise
+            self.router = Router(config.d_model, config.num_experts, jitter, rngs=rngs) if has_router else None
+            self.pregate = Router(config.d_model, config.num_experts, jitter, rngs=rngs) if has_pregate else None
+        else:
+            self.ffn = DenseFFN(config, rngs=rngs)
+        self.dropout = nnx.Dropout(config.dropout_rate, rngs=rngs)
+
+    def attend_self(self, x: Array, bias: Array, cache: KVCache | None, cache_index: Array | None):
+        """Self-attention sublayer; with a cache, writes this step's keys/values at `cache_index`."""
+        h = self.self_attn_norm(x)
+        keys, values = self.self_attn.project_kv(h)  # [B, heads, S, d_kv]
+        if cache is not None:
+            start = (0, 0, cache_index, 0)
+            keys = jax.lax.dynamic_update_slice(cache.keys, keys.astype(cache.keys.dtype), start)
+            values = jax.lax.dynamic_update_slice(cache.values, values.astype(cache.values.dtype), start)
+            cache = KVCache(keys=keys, values=values)
+        return x + self.dropout(self.self_attn(h, keys, values, bias)), cache
+
+    def route(self, h: Array, decision: RouterDecision | None):
+        """(decision for this block, pre-gate decision for the next MoE block) from normed input h."""
+        capacity = self.config.capacity(h.shape[1])
+        if self.router is not None:
+            decision = self.router(h, capacity)
+        elif decision is None:
+            raise ValueError("this MoE block is pre-gated: pass the previous MoE block's pre-gate decision")
+        next_decision = self.pregate(h, capacity) if self.pregate is not None else None
+        return decision, next_decision
+
+    def __call__(self, x: Array, self_bias: Array, *, decision: RouterDecision | None = None,
+                 cross: CrossKV | None = None, cross_bias: Array | None = None,
+                 cache: KVCache | None = None, cache_index: Array | None = None) -> BlockOutput:
+        """x [B, S, d]; self_bias [B|1, heads, S, K]; cross_bias [B|1, 1, 1, S_enc]."""
+        x, cache = self.attend_self(x, self_bias, cache, cache_index)
+        if self.is_decoder:
+            h = self.cross_attn_norm(x)
+            x = x + self.dropout(self.cross_attn(h, cross.keys, cross.values, cross_bias))
+        h = self.ffn_norm(x)
+        if self.is_sparse:
+            decision, next_decision = self.route(h, decision)
+            y = self.experts(h, decision)
+        else:
+            decision = next_decision = None
+            y = self.ffn(h)
+        return BlockOutput(x + self.dropout(y), decision, next_decision, cache)
+
+
+class Stack(nnx.Module):
+    """An encoder or decoder stack; the relative position bias is computed once and shared."""
+
+    def __init__(self, config: SwitchConfig, kind: StackKind, *, rngs: nnx.Rngs):
+        n = config.num_layers if kind == "encoder" else config.num_decoder_layers
+        self.kind = kind
+        self.relative_bias = RelativePositionBias(config, bidirectional=kind == "encoder", rngs=rngs)
+        self.blocks = nnx.List([Block(config, kind, i, rngs=rngs) for i in range(n)])
+        self.final_norm = RMSNorm(config.d_model, config.layer_norm_epsilon, compute_dtype(config))
+        self.dropout = nnx.Dropout(config.dropout_rate, rngs=rngs)
+
+    def self_bias(self, query_positions: Array, key_positions: Array, key_mask: Array | None) -> Array:
+        """Position bias plus masks -> [B|1, heads, q, k] float32."""
+        visible = key_padding(key_mask)
+        if self.kind == "decoder":
+            visible = visible & causal(query_positions, key_positions)
+        return self.relative_bias(query_positions, key_positions) + visibility_bias(visible)
+
+    def __call__(self, x: Array, mask: Array | None = None, *, cross: list[CrossKV] | None = None,
+                 cross_mask: Array | None = None) -> tuple[Array, list[RouterDecision]]:
+        """Full-sequence pass. x [B, S, d] embeddings -> (hidden [B, S, d], decisions per MoE block)."""
+        positions = jnp.arange(x.shape[1])
+        bias = self.self_bias(positions, positions, mask)
+        cross_bias = visibility_bias(key_padding(cross_mask)) if cross is not None else None
+        x = self.dropout(x)
+        decision, decisions = None, []
+        for i, block in enumerate(self.blocks):
+            out = block(x, bias, decision=decision, cross=None if cross is None else cross[i],
+                        cross_bias=cross_bias)
+            x = out.hidden
+            if out.decision is not None:
+                decisions.append(out.decision)
+                decision = out.next_decision
+        return self.dropout(self.final_norm(x)), decisions
+
+
+class SwitchTransformer(nnx.Module):
+    """`model(input_ids, decoder_input_ids, attention_mask, decoder_attention_mask)` -> logits [B, T, V]."""
+
+    def __init__(self, config: SwitchConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.shared = nnx.Param(dense_init(1.0)(rngs.params(), (config.vocab_size, config.d_model)))
+        self.encoder = Stack(config, "encoder", rngs=rngs)
+        self.decoder = Stack(config, "decoder", rngs=rngs)
+        if not config.tie_word_embeddings:
+            self.lm_head = nnx.Param(dense_init(config.d_model ** -0.5)(
+                rngs.params(), (config.d_model, config.vocab_size)))
+
+    def embed(self, ids: Array) -> Array:
+        """ids [B, S] int -> [B, S, d] in the compute dtype."""
+        return self.shared.value[ids].astype(compute_dtype(self.config))
+
+    def encode(self, input_ids: Array, attention_mask: Array | None = None):
+        """-> (encoder hidden [B, S, d], decisions per encoder MoE block)."""
+        return self.encoder(self.embed(input_ids), attention_mask)
+
+    def cross_kv(self, encoder_hidden: Array) -> list[CrossKV]:
+        """Cross-attention keys/values of every decoder block."""
+        return [CrossKV(*b.cross_attn.project_kv(encoder_hidden)) for b in self.decoder.blocks]
+
+    def decode(self, decoder_input_ids: Array, encoder_hidden: Array, attention_mask: Array | None = None,
+               decoder_attention_mask: Array | None = None):
+        """-> (decoder hidden [B, T, d], decisions per decoder MoE block)."""
+        return self.decoder(self.embed(decoder_input_ids), decoder_attention_mask,
+                            cross=self.cross_kv(encoder_hidden), cross_mask=attention_mask)
+
+    def logits(self, hidden: Array) -> Array:
+        """hidden [B, T, d] -> logits [B, T, V] in float32 (tied: scaled by d_model**-0.5)."""
+        hidden = hidden.astype(jnp.float32)
+        if self.config.tie_word_embeddings:
+            return (hidden * self.config.d_model ** -0.5) @ self.shared.value.T
+        return hidden @ self.lm_head.value
+
+    def __call__(self, input_ids: Array, decoder_input_ids: Array, attention_mask: Array | None = None,
+                 decoder_attention_mask: Array | None = None, *, return_aux: bool = False):
+        enc, enc_decisions = self.encode(input_ids, attention_mask)
+        dec, dec_decisions = self.decode(decoder_input_ids, enc, attention_mask, decoder_attention_mask)
+        logits = self.logits(dec)
+        if not return_aux:
+            return logits
+        ez, ea = stack_losses(enc_decisions)
+        dz, da = stack_losses(dec_decisions)
+        return logits, ModelAux(ez, ea, dz, da, tuple(enc_decisions), tuple(dec_decisions))
+
+
+def router_loss(config: SwitchConfig, aux: ModelAux) -> Array:
+    """z_coef * (enc_z + dec_z) + aux_coef * (enc_lb + dec_lb), as HF adds to the task loss."""
+    return (config.router_z_loss_coef * (aux.encoder_z_loss + aux.decoder_z_loss)
+            + config.router_aux_loss_coef * (aux.encoder_aux_loss + aux.decoder_aux_loss))

@@ -1,0 +1,70 @@
+"""The expert layer: consumes a `RouterDecision` and applies top-1 experts with dropless dispatch.
+
+Dispatch follows Huang et al.'s dynamic gating: sort tokens by expert, count tokens per expert, and run
+one grouped matmul (`jax.lax.ragged_dot`) over the real tokens only; nothing is padded. Capacity-dropped
+tokens are sorted past the last group, so no expert computes them, and they get zero.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pregated_jax.config import SwitchConfig
+from pregated_jax.layers import compute_dtype, dense_init
+from pregated_jax.routing import RouterDecision
+
+Array = jax.Array
+
+
+class Experts(nnx.Module):
+    """E ReLU FFN experts with stacked weights wi [E, d, ff], wo [E, ff, d]."""
+
+    def __init__(self, config: SwitchConfig, *, rngs: nnx.Rngs):
+        e, d, ff = config.num_experts, config.d_model, config.d_ff
+        self.wi = nnx.Param(dense_init(d ** -0.5)(rngs.params(), (e, d, ff)))
+        self.wo = nnx.Param(dense_init(ff ** -0.5)(rngs.params(), (e, ff, d)))
+        self.dtype = compute_dtype(config)
+        self.dropout = nnx.Dropout(config.dropout_rate, rngs=rngs)
+
+    def __call__(self, x: Array, decision: RouterDecision, wi: Array | None = None,
+                 wo: Array | None = None) -> Array:
+        """x [B, S, d] -> combine_weight * expert(x) where kept, else 0; [B, S, d].
+
+        `wi`/`wo` override the stored weights (the inference engine passes device-resident copies).
+        """
+        wi = self.wi.value if wi is None else wi
+        wo = self.wo.value if wo is None else wo
+        return apply_experts(x, decision, wi, wo, self.dtype, self.dropout)
+
+
+def apply_experts(x: Array, decision: RouterDecision, wi: Array, wo: Array, dtype,
+                  dropout=None, expert_ids: Array | None = None) -> Array:
+    """Dropless top-1 expert computation.
+
+    x [B, S, d]; wi [G, d, ff], wo [G, ff, d] hold G expert weights. By default G = E and group g is
+    expert g; with `expert_ids` [G] (int), group g holds expert `expert_ids[g]` — the engine's slot
+    table. Every kept token's expert must be among the groups.
+    """
+    b, s, d = x.shape
+    tokens = x.reshape(b * s, d).astype(dtype)  # [T, d]
+    num_groups = wi.shape[0]
+    if expert_ids is None:
+        group = decision.expert_index.reshape(-1)  # [T]
+    else:
+        # group of each token = position of its expert in the slot table
+        match = decision.expert_index.reshape(-1, 1) == expert_ids[None, :]  # [T, G]
+        group = jnp.argmax(match, axis=-1).astype(jnp.int32)
+    keep = decision.keep.reshape(-1)
+    sort_key = jnp.where(keep, group, num_groups)  # dropped tokens sort past the last group
+    order = jnp.argsort(sort_key, stable=True)  # [T]
+    group_sizes = jnp.bincount(sort_key, length=num_groups + 1)[:num_groups].astype(jnp.int32)  # [G]
+    h = jax.lax.ragged_dot(tokens[order], wi.astype(dtype), group_sizes)  # [T, ff]
+    h = jax.nn.relu(h)
+    if dropout is not None:
+        h = dropout(h)
+    y = jax.lax.ragged_dot(h, wo.astype(dtype), group_sizes)  # [T, d]; dropped rows are 0
+    y = jnp.zeros_like(y).at[order].set(y)  # back to token order
+    weight = jnp.where(keep, decision.combine_weight.reshape(-1), 0.0).astype(dtype)  # [T]
+    return (y * weight[:, None]).reshape(b, s, d)
