@@ -33,7 +33,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: Array) -> Array:
         var = jnp.mean(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True)
         y = (x.astype(jnp.float32) * jax.lax.rsqrt(var + self.eps)).astype(self.dtype)
-        return self.weight.value.astype(self.dtype) * y
+        return self.weight[...].astype(self.dtype) * y
 
 
 def relative_position_bucket(relative_position: Array, bidirectional: bool, num_buckets: int,
@@ -70,7 +70,7 @@ class RelativePositionBias(nnx.Module):
         """query_positions [q], key_positions [k] (int) -> bias [1, heads, q, k] (float32)."""
         rel = key_positions[None, :] - query_positions[:, None]  # [q, k]
         buckets = relative_position_bucket(rel, self.bidirectional, self.num_buckets, self.max_distance)
-        bias = self.embedding.value[buckets]  # [q, k, heads]
+        bias = self.embedding[...][buckets]  # [q, k, heads]
         return jnp.transpose(bias, (2, 0, 1))[None]
 
 
@@ -93,7 +93,7 @@ class Attention(nnx.Module):
 
     def _heads(self, x: Array, w: nnx.Param) -> Array:
         b, s, _ = x.shape
-        y = x.astype(self.dtype) @ w.value.astype(self.dtype)  # [B, S, heads * d_kv]
+        y = x.astype(self.dtype) @ w[...].astype(self.dtype)  # [B, S, heads * d_kv]
         return y.reshape(b, s, self.num_heads, self.d_kv).transpose(0, 2, 1, 3)
 
     def __call__(self, x: Array, keys: Array, values: Array, bias: Array) -> Array:
@@ -105,7 +105,7 @@ class Attention(nnx.Module):
         out = jnp.einsum("bhqk,bhkd->bhqd", probs, values)  # [B, heads, q, d_kv]
         b, _, s, _ = out.shape
         out = out.transpose(0, 2, 1, 3).reshape(b, s, self.num_heads * self.d_kv)
-        return out @ self.o.value.astype(self.dtype)
+        return out @ self.o[...].astype(self.dtype)
 
 
 class DenseFFN(nnx.Module):
@@ -118,8 +118,8 @@ class DenseFFN(nnx.Module):
         self.dropout = nnx.Dropout(config.dropout_rate, rngs=rngs)
 
     def __call__(self, x: Array) -> Array:
-        h = jax.nn.relu(x.astype(self.dtype) @ self.wi.value.astype(self.dtype))
-        return self.dropout(h) @ self.wo.value.astype(self.dtype)
+        h = jax.nn.relu(x.astype(self.dtype) @ self.wi[...].astype(self.dtype))
+        return self.dropout(h) @ self.wo[...].astype(self.dtype)
 
 
 def visibility_bias(visible: Array) -> Array:

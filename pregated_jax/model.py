@@ -153,21 +153,32 @@ class Stack(nnx.Module):
         return self.relative_bias(query_positions, key_positions) + visibility_bias(visible)
 
     def __call__(self, x: Array, mask: Array | None = None, *, cross: list[CrossKV] | None = None,
-                 cross_mask: Array | None = None) -> tuple[Array, list[RouterDecision]]:
-        """Full-sequence pass. x [B, S, d] embeddings -> (hidden [B, S, d], decisions per MoE block)."""
+                 cross_mask: Array | None = None, caches: list[KVCache] | None = None,
+                 cache_index: Array | None = None):
+        """x [B, S, d] embeddings -> (hidden [B, S, d], decisions per MoE block, caches).
+
+        Without caches this is a full-sequence pass. With `caches` (decoder only) the S new tokens sit
+        at positions cache_index .. cache_index + S - 1 and attend over the whole cache, whose keys
+        beyond the current position are hidden by the causal mask; `mask` is then ignored.
+        """
         positions = jnp.arange(x.shape[1])
-        bias = self.self_bias(positions, positions, mask)
+        if caches is None:
+            bias = self.self_bias(positions, positions, mask)
+        else:
+            bias = self.self_bias(cache_index + positions, jnp.arange(caches[0].keys.shape[2]), None)
         cross_bias = visibility_bias(key_padding(cross_mask)) if cross is not None else None
         x = self.dropout(x)
-        decision, decisions = None, []
+        decision, decisions, new_caches = None, [], []
         for i, block in enumerate(self.blocks):
             out = block(x, bias, decision=decision, cross=None if cross is None else cross[i],
-                        cross_bias=cross_bias)
+                        cross_bias=cross_bias, cache=None if caches is None else caches[i],
+                        cache_index=cache_index)
             x = out.hidden
+            new_caches.append(out.cache)
             if out.decision is not None:
                 decisions.append(out.decision)
                 decision = out.next_decision
-        return self.dropout(self.final_norm(x)), decisions
+        return self.dropout(self.final_norm(x)), decisions, (None if caches is None else new_caches)
 
 
 class SwitchTransformer(nnx.Module):
@@ -184,11 +195,12 @@ class SwitchTransformer(nnx.Module):
 
     def embed(self, ids: Array) -> Array:
         """ids [B, S] int -> [B, S, d] in the compute dtype."""
-        return self.shared.value[ids].astype(compute_dtype(self.config))
+        return self.shared[...][ids].astype(compute_dtype(self.config))
 
     def encode(self, input_ids: Array, attention_mask: Array | None = None):
         """-> (encoder hidden [B, S, d], decisions per encoder MoE block)."""
-        return self.encoder(self.embed(input_ids), attention_mask)
+        hidden, decisions, _ = self.encoder(self.embed(input_ids), attention_mask)
+        return hidden, decisions
 
     def cross_kv(self, encoder_hidden: Array) -> list[CrossKV]:
         """Cross-attention keys/values of every decoder block."""
@@ -197,15 +209,30 @@ class SwitchTransformer(nnx.Module):
     def decode(self, decoder_input_ids: Array, encoder_hidden: Array, attention_mask: Array | None = None,
                decoder_attention_mask: Array | None = None):
         """-> (decoder hidden [B, T, d], decisions per decoder MoE block)."""
-        return self.decoder(self.embed(decoder_input_ids), decoder_attention_mask,
-                            cross=self.cross_kv(encoder_hidden), cross_mask=attention_mask)
+        hidden, decisions, _ = self.decoder(self.embed(decoder_input_ids), decoder_attention_mask,
+                                            cross=self.cross_kv(encoder_hidden), cross_mask=attention_mask)
+        return hidden, decisions
+
+    def init_caches(self, batch: int, max_len: int) -> list[KVCache]:
+        """Zeroed self-attention caches for every decoder block."""
+        c = self.config
+        shape = (batch, c.num_heads, max_len, c.d_kv)
+        zeros = lambda: jnp.zeros(shape, compute_dtype(c))  # noqa: E731
+        return [KVCache(zeros(), zeros()) for _ in self.decoder.blocks]
+
+    def decode_step(self, tokens: Array, cache_index: Array, caches: list[KVCache], cross: list[CrossKV],
+                    attention_mask: Array | None = None):
+        """One cached decoder step. tokens [B, S] at positions cache_index.. -> (logits [B, S, V], caches)."""
+        hidden, _, caches = self.decoder(self.embed(tokens), cross=cross, cross_mask=attention_mask,
+                                         caches=caches, cache_index=cache_index)
+        return self.logits(hidden), caches
 
     def logits(self, hidden: Array) -> Array:
         """hidden [B, T, d] -> logits [B, T, V] in float32 (tied: scaled by d_model**-0.5)."""
         hidden = hidden.astype(jnp.float32)
         if self.config.tie_word_embeddings:
-            return (hidden * self.config.d_model ** -0.5) @ self.shared.value.T
-        return hidden @ self.lm_head.value
+            return (hidden * self.config.d_model ** -0.5) @ self.shared[...].T
+        return hidden @ self.lm_head[...]
 
     def __call__(self, input_ids: Array, decoder_input_ids: Array, attention_mask: Array | None = None,
                  decoder_attention_mask: Array | None = None, *, return_aux: bool = False):
@@ -223,3 +250,44 @@ def router_loss(config: SwitchConfig, aux: ModelAux) -> Array:
     """z_coef * (enc_z + dec_z) + aux_coef * (enc_lb + dec_lb), as HF adds to the task loss."""
     return (config.router_z_loss_coef * (aux.encoder_z_loss + aux.decoder_z_loss)
             + config.router_aux_loss_coef * (aux.encoder_aux_loss + aux.decoder_aux_loss))
+
+
+def abstract_model(config: SwitchConfig) -> SwitchTransformer:
+    """The model's structure with shape-only leaves (nothing allocated): `nnx.eval_shape`."""
+    return nnx.eval_shape(lambda: SwitchTransformer(config, rngs=nnx.Rngs(0)))
+
+
+def param_shapes(config: SwitchConfig) -> dict[tuple, tuple[int, ...]]:
+    """Flat param path -> shape, without allocating."""
+    state = nnx.state(abstract_model(config), nnx.Param)
+    return {path: tuple(v.get_value().shape) for path, v in nnx.to_flat_state(state)}
+
+
+def materialize(model: SwitchTransformer, params: dict[tuple, Array], seed: int = 0) -> SwitchTransformer:
+    """Fills an abstract model (see `abstract_model`) in place with `params` (flat path -> array) and
+    fresh RNG state seeded from `seed`; returns it in eval mode. Every param must be given, with its
+    declared shape."""
+    state = nnx.state(model)
+    flat = dict(nnx.to_flat_state(state))
+    expected = {p for p, v in flat.items() if isinstance(v, nnx.Param)}
+    missing, unexpected = sorted(expected - set(params), key=str), sorted(set(params) - expected, key=str)
+    if missing or unexpected:
+        raise ValueError(f"params do not fit the model: missing {['.'.join(map(str, p)) for p in missing]}, "
+                         f"unexpected {['.'.join(map(str, p)) for p in unexpected]}")
+    out, base = {}, jax.random.key(seed)
+    for i, (path, var) in enumerate(flat.items()):
+        if isinstance(var, nnx.Param):
+            value = jnp.asarray(params[path])
+            want = var.get_value().shape
+            if value.shape != want:
+                raise ValueError(f"param {'.'.join(map(str, path))}: expected shape {want}, got {value.shape}")
+        elif isinstance(var, nnx.RngKey):
+            value = jax.random.fold_in(base, i)
+        elif isinstance(var, nnx.RngCount):
+            value = jnp.zeros((), jnp.uint32)
+        else:
+            raise TypeError(f"cannot materialize {type(var).__name__} at {path}")
+        out[path] = var.replace(value)
+    nnx.update(model, nnx.from_flat_state(out))
+    model.eval()
+    return model

@@ -34,8 +34,8 @@ class Experts(nnx.Module):
 
         `wi`/`wo` override the stored weights (the inference engine passes device-resident copies).
         """
-        wi = self.wi.value if wi is None else wi
-        wo = self.wo.value if wo is None else wo
+        wi = self.wi[...] if wi is None else wi
+        wo = self.wo[...] if wo is None else wo
         return apply_experts(x, decision, wi, wo, self.dtype, self.dropout)
 
 

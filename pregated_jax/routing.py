@@ -46,7 +46,7 @@ class Router(nnx.Module):
         if not deterministic and self.jitter_noise > 0:
             eps = self.jitter_noise
             x = x * jax.random.uniform(self.rngs.jitter(), x.shape, jnp.float32, 1.0 - eps, 1.0 + eps)
-        logits = x @ self.classifier.value.astype(jnp.float32)  # [B, S, E]
+        logits = x @ self.classifier[...].astype(jnp.float32)  # [B, S, E]
         return decide(logits, capacity)
 
 
