@@ -18,7 +18,7 @@ from flax import nnx, struct
 from pregated_jax.config import SwitchConfig
 from pregated_jax.layers import (Attention, DenseFFN, RelativePositionBias, RMSNorm, causal,
                                  compute_dtype, dense_init, key_padding, visibility_bias)
-from pregated_jax.moe import Experts
+from pregated_jax.moe import Experts, ExpertSlots
 from pregated_jax.routing import Router, RouterDecision, stack_losses
 
 Array = jax.Array
@@ -116,22 +116,34 @@ class Block(nnx.Module):
         next_decision = self.pregate(h, capacity) if self.pregate is not None else None
         return decision, next_decision
 
-    def __call__(self, x: Array, self_bias: Array, *, decision: RouterDecision | None = None,
-                 cross: CrossKV | None = None, cross_bias: Array | None = None,
-                 cache: KVCache | None = None, cache_index: Array | None = None) -> BlockOutput:
-        """x [B, S, d]; self_bias [B|1, heads, S, K]; cross_bias [B|1, 1, 1, S_enc]."""
+    def attend(self, x: Array, self_bias: Array, *, cross: CrossKV | None = None,
+               cross_bias: Array | None = None, cache: KVCache | None = None,
+               cache_index: Array | None = None) -> tuple[Array, KVCache | None]:
+        """The attention sublayers: x [B, S, d] -> (x [B, S, d], updated cache)."""
         x, cache = self.attend_self(x, self_bias, cache, cache_index)
         if self.is_decoder:
             h = self.cross_attn_norm(x)
             x = x + self.dropout(self.cross_attn(h, cross.keys, cross.values, cross_bias))
+        return x, cache
+
+    def ffn_output(self, x: Array, h: Array, decision: RouterDecision | None,
+                   slots: ExpertSlots | None = None) -> Array:
+        """Residual FFN/MoE sublayer given its normed input h = ffn_norm(x); [B, S, d]."""
+        y = self.experts(h, decision, slots) if self.is_sparse else self.ffn(h)
+        return x + self.dropout(y)
+
+    def __call__(self, x: Array, self_bias: Array, *, decision: RouterDecision | None = None,
+                 cross: CrossKV | None = None, cross_bias: Array | None = None,
+                 cache: KVCache | None = None, cache_index: Array | None = None) -> BlockOutput:
+        """x [B, S, d]; self_bias [B|1, heads, S, K]; cross_bias [B|1, 1, 1, S_enc]."""
+        x, cache = self.attend(x, self_bias, cross=cross, cross_bias=cross_bias, cache=cache,
+                               cache_index=cache_index)
         h = self.ffn_norm(x)
+        next_decision = None
         if self.is_sparse:
             decision, next_decision = self.route(h, decision)
-            y = self.experts(h, decision)
-        else:
-            decision = next_decision = None
-            y = self.ffn(h)
-        return BlockOutput(x + self.dropout(y), decision, next_decision, cache)
+        return BlockOutput(self.ffn_output(x, h, decision), decision if self.is_sparse else None,
+                           next_decision, cache)
 
 
 class Stack(nnx.Module):

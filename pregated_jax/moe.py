@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from pregated_jax.config import SwitchConfig
 from pregated_jax.layers import compute_dtype, dense_init
@@ -28,15 +28,23 @@ class Experts(nnx.Module):
         self.dtype = compute_dtype(config)
         self.dropout = nnx.Dropout(config.dropout_rate, rngs=rngs)
 
-    def __call__(self, x: Array, decision: RouterDecision, wi: Array | None = None,
-                 wo: Array | None = None) -> Array:
+    def __call__(self, x: Array, decision: RouterDecision, slots: "ExpertSlots | None" = None) -> Array:
         """x [B, S, d] -> combine_weight * expert(x) where kept, else 0; [B, S, d].
 
-        `wi`/`wo` override the stored weights (the inference engine passes device-resident copies).
+        `slots` replaces the stored weights (the inference engine passes device-resident copies).
         """
-        wi = self.wi[...] if wi is None else wi
-        wo = self.wo[...] if wo is None else wo
-        return apply_experts(x, decision, wi, wo, self.dtype, self.dropout)
+        if slots is None:
+            return apply_experts(x, decision, self.wi[...], self.wo[...], self.dtype, self.dropout)
+        return apply_experts(x, decision, slots.wi, slots.wo, self.dtype, self.dropout, slots.expert_ids)
+
+
+@struct.dataclass
+class ExpertSlots:
+    """A table of G expert weights and which expert each slot holds (-1: empty slot)."""
+
+    wi: Array  # [G, d, ff]
+    wo: Array  # [G, ff, d]
+    expert_ids: Array  # [G] int32
 
 
 def apply_experts(x: Array, decision: RouterDecision, wi: Array, wo: Array, dtype,
@@ -45,7 +53,7 @@ def apply_experts(x: Array, decision: RouterDecision, wi: Array, wo: Array, dtyp
 
     x [B, S, d]; wi [G, d, ff], wo [G, ff, d] hold G expert weights. By default G = E and group g is
     expert g; with `expert_ids` [G] (int), group g holds expert `expert_ids[g]` — the engine's slot
-    table. Every kept token's expert must be among the groups.
+    table — and tokens whose expert is in no slot contribute 0 (so partial tables can be summed).
     """
     b, s, d = x.shape
     tokens = x.reshape(b * s, d).astype(dtype)  # [T, d]
@@ -57,6 +65,8 @@ def apply_experts(x: Array, decision: RouterDecision, wi: Array, wo: Array, dtyp
         match = decision.expert_index.reshape(-1, 1) == expert_ids[None, :]  # [T, G]
         group = jnp.argmax(match, axis=-1).astype(jnp.int32)
     keep = decision.keep.reshape(-1)
+    if expert_ids is not None:
+        keep = keep & jnp.any(match, axis=-1)
     sort_key = jnp.where(keep, group, num_groups)  # dropped tokens sort past the last group
     order = jnp.argsort(sort_key, stable=True)  # [T]
     group_sizes = jnp.bincount(sort_key, length=num_groups + 1)[:num_groups].astype(jnp.int32)  # [G]
