@@ -132,18 +132,32 @@ class Block(nnx.Module):
         y = self.experts(h, decision, slots) if self.is_sparse else self.ffn(h)
         return x + self.dropout(y)
 
-    def __call__(self, x: Array, self_bias: Array, *, decision: RouterDecision | None = None,
-                 cross: CrossKV | None = None, cross_bias: Array | None = None,
-                 cache: KVCache | None = None, cache_index: Array | None = None) -> BlockOutput:
-        """x [B, S, d]; self_bias [B|1, heads, S, K]; cross_bias [B|1, 1, 1, S_enc]."""
+    def attend_and_route(self, x: Array, self_bias: Array, *, decision: RouterDecision | None = None,
+                         cross: CrossKV | None = None, cross_bias: Array | None = None,
+                         cache: KVCache | None = None, cache_index: Array | None = None):
+        """Everything before the FFN's matmuls: attention sublayers, FFN norm, routing.
+
+        -> (x [B, S, d], h = ffn_norm(x) [B, S, d], decision used here, pre-gate decision, cache).
+        Decisions are None for dense blocks.
+        """
         x, cache = self.attend(x, self_bias, cross=cross, cross_bias=cross_bias, cache=cache,
                                cache_index=cache_index)
         h = self.ffn_norm(x)
         next_decision = None
         if self.is_sparse:
             decision, next_decision = self.route(h, decision)
-        return BlockOutput(self.ffn_output(x, h, decision), decision if self.is_sparse else None,
-                           next_decision, cache)
+        else:
+            decision = None
+        return x, h, decision, next_decision, cache
+
+    def __call__(self, x: Array, self_bias: Array, *, decision: RouterDecision | None = None,
+                 cross: CrossKV | None = None, cross_bias: Array | None = None,
+                 cache: KVCache | None = None, cache_index: Array | None = None) -> BlockOutput:
+        """x [B, S, d]; self_bias [B|1, heads, S, K]; cross_bias [B|1, 1, 1, S_enc]."""
+        x, h, decision, next_decision, cache = self.attend_and_route(
+            x, self_bias, decision=decision, cross=cross, cross_bias=cross_bias, cache=cache,
+            cache_index=cache_index)
+        return BlockOutput(self.ffn_output(x, h, decision), decision, next_decision, cache)
 
 
 class Stack(nnx.Module):

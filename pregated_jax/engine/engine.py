@@ -1,0 +1,304 @@
+"""The offload inference engine: one block loop, one generation loop, five ways to get experts.
+
+Modes (NOTES.md §1; Hwang et al. 2024):
+- gpu-only:     every expert resident on the device (the ceiling).
+- on-demand:    after block N's gate runs, copy its experts, then compute (MoE-OnDemand).
+- prefetch-all: while block N runs, copy every expert of the next MoE block (MoE-Prefetch).
+- pregated:     while block N runs, copy the experts that block N's pre-gate chose for block N+1.
+- speculative:  for conventional models: block N+1's own gate applied to block N's MoE input predicts
+                block N+1's experts, which are prefetched; mispredictions are fetched on demand once the
+                real gate has run. Outputs equal the conventional model's.
+
+Copies are issued (asynchronously dispatched) *before* the computation they should overlap with, and
+routing decisions never leave the device. Calls that need most experts of a block (prefill) copy
+contiguous ranges instead of single experts, streamed through a bounded buffer when a budget is set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pregated_jax.engine import fetch as F
+from pregated_jax.engine.placement import ModelProgram, Memories, StackProgram, cross_kv, predict_decision
+from pregated_jax.engine.search import (all_finished, beam_step, best_sequences, greedy_step, init_search,
+                                        reorder)
+from pregated_jax.engine.stats import RunStats, Stopwatch
+from pregated_jax.layers import key_padding, visibility_bias
+from pregated_jax.model import KVCache, SwitchTransformer
+
+MODES = ("gpu-only", "on-demand", "prefetch-all", "pregated", "speculative")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """How the engine places and moves experts.
+
+    cache_policy: None (no cache: every call copies what it needs) or one of `fetch.POLICIES`.
+    cache_experts: device slots per MoE block for the cache; or give `device_budget_bytes`, which
+      bounds all expert buffers together (cache slots, or the prefill streaming buffers).
+    prefill_chunk: experts per copy when a call needs most of a block (default: all E at once, or what
+      the budget allows).
+    """
+
+    mode: str = "pregated"
+    cache_policy: str | None = None
+    cache_experts: int | None = None
+    device_budget_bytes: int | None = None
+    prefill_chunk: int | None = None
+    check_every: int = 8  # decode steps between checks whether every sequence has finished
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"unknown engine mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.cache_policy is not None and self.cache_policy not in F.POLICIES:
+            raise ValueError(f"unknown cache policy {self.cache_policy!r}; choose one of {F.POLICIES}")
+        if self.cache_policy is not None and self.mode in ("gpu-only", "prefetch-all"):
+            raise ValueError(f"mode {self.mode!r} keeps whole blocks resident; a cache does not apply")
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    tokens: np.ndarray  # [B, max_new_tokens] new tokens, pad after EOS
+    stats: RunStats
+
+
+class InferenceEngine:
+    """Generates with expert weights in host memory and everything else on the device."""
+
+    def __init__(self, model: SwitchTransformer, config: EngineConfig | None = None, *,
+                 device: jax.Device | None = None, **overrides):
+        config = dataclasses.replace(config or EngineConfig(), **overrides)
+        cfg = model.config
+        if config.mode == "pregated" and cfg.routing != "pregated":
+            raise ValueError("mode 'pregated' needs a pre-gated model (config.routing='pregated'); "
+                             "use mode 'speculative' for a conventional one, or convert it with to_pregated")
+        if config.mode == "speculative" and cfg.routing != "conventional":
+            raise ValueError("mode 'speculative' predicts with the next block's own gate: it needs a "
+                             "conventional model; use mode 'pregated' for a pre-gated one")
+        self.config, self.model_config = config, cfg
+        self.mem = Memories.for_device(device)
+        self.program = ModelProgram.from_model(model, self.mem)
+        some = self.program.encoder.blocks[self.program.encoder.moe_blocks[0]] if self.program.encoder.moe_blocks \
+            else self.program.decoder.blocks[self.program.decoder.moe_blocks[0]]
+        self.num_experts, self.expert_bytes = some.num_experts, some.expert_bytes
+        self.num_moe_blocks = len(self.program.encoder.moe_blocks) + len(self.program.decoder.moe_blocks)
+        self.resident = {}
+        if config.mode == "gpu-only":
+            for sp in (self.program.encoder, self.program.decoder):
+                for i in sp.moe_blocks:
+                    b = sp.blocks[i]
+                    self.resident[(sp.kind, i)] = F.fetch_all(b.host_wi, b.host_wo, self.mem.on_device)
+        self.cache_slots = self._cache_slots()
+        self.chunk = self._prefill_chunk()
+        self.caches: dict = {}
+
+    # --- sizing -------------------------------------------------------------------------------------
+    def _cache_slots(self) -> int | None:
+        c = self.config
+        if c.cache_policy is None:
+            return None
+        if c.cache_experts is not None:
+            return c.cache_experts
+        if c.device_budget_bytes is None:
+            raise ValueError("a cache needs a size: cache_experts (per MoE block) or device_budget_bytes")
+        slots = c.device_budget_bytes // (self.num_moe_blocks * self.expert_bytes)
+        if slots < 1:
+            raise ValueError(f"device_budget_bytes={c.device_budget_bytes} holds less than one expert per "
+                             f"MoE block ({self.num_moe_blocks} blocks x {self.expert_bytes} bytes)")
+        return int(min(slots, self.num_experts))
+
+    def _prefill_chunk(self) -> int:
+        c, e = self.config, self.num_experts
+        if c.prefill_chunk is not None:
+            return max(1, min(c.prefill_chunk, e))
+        if c.device_budget_bytes is not None and self.cache_slots is None:
+            # two chunks in flight (double buffering) for the current and the next block
+            return int(max(1, min(e, c.device_budget_bytes // (4 * self.expert_bytes))))
+        return e
+
+    # --- one stack ----------------------------------------------------------------------------------
+    def _run_stack(self, sp: StackProgram, x, bias, stats: RunStats, *, cross=None, cross_bias=None,
+                   caches=None, cache_index=None):
+        """Runs every block of a stack; returns (final-normed hidden, new self-attention caches)."""
+        mode, cfg = self.config.mode, self.model_config
+        tokens = x.shape[0] * x.shape[1]
+        k = min(self.num_experts, tokens)
+        dense = 2 * k >= self.num_experts  # the call needs most experts: copy contiguous ranges
+        capacity = cfg.capacity(x.shape[1])
+        moe = sp.moe_blocks
+        prefetched: dict[int, object] = {}
+        new_caches = []
+        decision = None
+        if mode == "prefetch-all" and moe:
+            prefetched[moe[0]] = self._copy_all(sp, moe[0], stats)
+        for i, bp in enumerate(sp.blocks):
+            cache = None if caches is None else caches[i]
+            if not bp.is_sparse:
+                x, h, _, _, cache = bp.attend_and_route(x, bias, None, None if cross is None else cross[i],
+                                                        cross_bias, cache, cache_index)
+                x = bp.ffn_output(x, h, None, None)
+                new_caches.append(cache)
+                continue
+            j = moe.index(i)
+            nxt = moe[j + 1] if j + 1 < len(moe) else None
+            if mode == "prefetch-all" and nxt is not None:  # issued before this block's computation
+                prefetched[nxt] = self._copy_all(sp, nxt, stats)
+            x, h, decision, next_decision, cache = bp.attend_and_route(
+                x, bias, decision, None if cross is None else cross[i], cross_bias, cache, cache_index)
+            new_caches.append(cache)
+            # Issue the next block's copies before this block's expert computation.
+            if nxt is not None and mode == "pregated":
+                pending = self._prefetch(sp, nxt, next_decision, k, dense, stats)
+            elif nxt is not None and mode == "speculative":
+                guess = predict_decision(sp.blocks[nxt].router_classifier, h, capacity)
+                pending = self._prefetch(sp, nxt, guess, k, dense, stats)
+            else:
+                pending = None
+            x = self._experts(sp, i, x, h, decision, prefetched.pop(i, None), k, dense, stats)
+            if pending is not None:
+                prefetched[nxt] = pending
+            decision = next_decision
+        return sp.final_norm(x), (None if caches is None else new_caches)
+
+    def _copy_all(self, sp, i, stats):
+        b = sp.blocks[i]
+        stats.add_copied(self.num_experts)
+        return F.fetch_all(b.host_wi, b.host_wo, self.mem.on_device)
+
+    def _prefetch(self, sp, i, decision, k, dense, stats):
+        """Starts copying block i's experts for a predicted/pre-gated decision (returns the handle)."""
+        b = sp.blocks[i]
+        if dense:
+            if self.chunk < self.num_experts:
+                return None  # bounded buffers: stream after the gate instead
+            return self._copy_all(sp, i, stats)
+        if self.cache_slots is not None:
+            self._cache_lookup(sp, i, F.needed_experts_jit(decision, k))
+            return ("cache", decision)
+        slots, copied = F.fetch_decision(b.host_wi, b.host_wo, decision, k, self.mem.on_device)
+        stats.add_copied(copied)
+        return ("slots", slots, decision)
+
+    def _experts(self, sp, i, x, h, decision, prefetched, k, dense, stats):
+        """The MoE sublayer of block i with whatever expert source the mode provides."""
+        b, mode = sp.blocks[i], self.config.mode
+        if mode == "gpu-only":
+            return b.ffn_output(x, h, decision, self.resident[(sp.kind, i)])
+        if mode == "prefetch-all" or (dense and isinstance(prefetched, F.ExpertSlots)):
+            return b.ffn_output(x, h, decision, prefetched)
+        if dense:  # on-demand, first MoE block, or a bounded buffer: stream contiguous chunks after the gate
+            return self._stream(b, x, h, decision, stats)
+        needed = F.needed_experts_jit(decision, k)
+        if self.cache_slots is not None:
+            if mode == "speculative" and prefetched is not None:
+                stats.add_speculation(F.overlap(needed, F.needed_experts_jit(prefetched[1], k)))
+            if mode == "pregated" and prefetched is not None:  # the pre-gate's lookup already ran
+                return b.ffn_output(x, h, decision, self.caches[(sp.kind, i)].slots)
+            state = self._cache_lookup(sp, i, needed)  # hits for everything prefetched
+            return b.ffn_output(x, h, decision, state.slots)
+        if prefetched is None:  # on-demand, or the first MoE block of a stack
+            slots, copied = F.fetch_decision(b.host_wi, b.host_wo, decision, k, self.mem.on_device)
+            stats.add_copied(copied)
+            return b.ffn_output(x, h, decision, slots)
+        _, slots, guess = prefetched
+        if mode == "speculative":  # fetch what the guess missed
+            stats.add_speculation(F.overlap(needed, slots.expert_ids))
+            extra, copied = F.fetch_decision(b.host_wi, b.host_wo, decision, k, self.mem.on_device,
+                                             slots.expert_ids)
+            stats.add_copied(copied)
+            slots = F.merge_slots(slots, extra)
+        return b.ffn_output(x, h, decision, slots)
+
+    def _stream(self, b, x, h, decision, stats):
+        """Dense call under a bounded buffer: contiguous chunks, the next copy issued before compute."""
+        starts = list(range(0, self.num_experts, self.chunk))
+        size = lambda s: min(self.chunk, self.num_experts - s)  # noqa: E731
+        current = F.fetch_range(b.host_wi, b.host_wo, starts[0], size(starts[0]), self.mem.on_device)
+        for n, s in enumerate(starts):
+            stats.add_copied(size(s))
+            upcoming = (F.fetch_range(b.host_wi, b.host_wo, starts[n + 1], size(starts[n + 1]),
+                                      self.mem.on_device) if n + 1 < len(starts) else None)
+            x = b.ffn_output(x, h, decision, current)  # residual chaining sums the chunks' outputs
+            current = upcoming
+        return x
+
+    def _cache_lookup(self, sp, i, needed):
+        key = (sp.kind, i)
+        b = sp.blocks[i]
+        if key not in self.caches:
+            self.caches[key] = F.empty_cache(self.cache_slots, b.host_wi, b.host_wo, self.mem.on_device)
+        self.caches[key] = F.cache_lookup(self.caches[key], b.host_wi, b.host_wo, needed,
+                                          self.config.cache_policy, self.mem.on_device)
+        return self.caches[key]
+
+    # --- generation ---------------------------------------------------------------------------------
+    def generate(self, input_ids, attention_mask=None, *, max_new_tokens: int = 32, num_beams: int = 1,
+                 length_penalty: float = 1.0, progress=None) -> GenerationResult:
+        """Greedy (num_beams=1) or beam search. input_ids [B, S] -> GenerationResult(tokens [B, T])."""
+        cfg, put = self.model_config, lambda a: jax.device_put(np.asarray(a, np.int32), self.mem.on_device)
+        input_ids = np.asarray(input_ids)
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
+        mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
+        if mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {input_ids.shape}")
+        if max_new_tokens <= 0 or num_beams <= 0:
+            raise ValueError(f"max_new_tokens and num_beams must be positive, got {max_new_tokens}, {num_beams}")
+        batch, rows = input_ids.shape[0], input_ids.shape[0] * num_beams
+        if self.cache_slots is not None and self.cache_slots < min(rows, self.num_experts):
+            raise ValueError(f"cache_experts={self.cache_slots} per block is less than the {rows} tokens a "
+                             f"decode step may route (batch x beams); raise it or the budget")
+        stats = RunStats.start(self, batch, num_beams, input_ids.shape[1], max_new_tokens)
+        watch = Stopwatch()
+        ids, mask = put(input_ids), put(mask)
+
+        # Prefill: the encoder over the whole input, then the decoder's cross-attention keys/values.
+        enc = self.program.encoder
+        positions = jax.device_put(np.arange(input_ids.shape[1], dtype=np.int32), self.mem.on_device)
+        bias = enc.self_bias(positions, positions, mask)
+        hidden, _ = self._run_stack(enc, self.program.embed(ids), bias, stats)
+        if num_beams > 1:
+            hidden, mask = reorder((hidden, mask), put(np.repeat(np.arange(batch), num_beams)))
+        dec = self.program.decoder
+        cross = [cross_kv(b.graphdef, b.state, b.placeholder, hidden) for b in dec.blocks]
+        cross_bias = _padding_bias(mask)
+        caches = _init_caches(rows, cfg, max_new_tokens, self.mem.on_device)
+        key_positions = jax.device_put(np.arange(max_new_tokens, dtype=np.int32), self.mem.on_device)
+        state = init_search(batch, num_beams, max_new_tokens, cfg.decoder_start_token_id)
+        stats.prefill_s = watch.lap(hidden)
+
+        for t in range(max_new_tokens):
+            bias = dec.self_bias(state.step[None], key_positions, None)
+            x = self.program.embed(state.last[:, None])
+            x, caches = self._run_stack(dec, x, bias, stats, cross=cross, cross_bias=cross_bias,
+                                        caches=caches, cache_index=state.step)
+            logits = self.program.logits(x)[:, -1]  # [rows, V]
+            if num_beams == 1:
+                state = greedy_step(state, logits, cfg.pad_token_id, cfg.eos_token_id)
+            else:
+                state, origin = beam_step(state, logits, cfg.pad_token_id, cfg.eos_token_id)
+                caches = reorder(caches, origin)
+            stats.steps = t + 1
+            if progress is not None:
+                progress(t + 1, max_new_tokens)
+            if (t + 1) % self.config.check_every == 0 and bool(jax.device_get(all_finished(state))):
+                break
+        tokens = np.asarray(jax.device_get(best_sequences(state, length_penalty)))
+        stats.decode_s = watch.lap()
+        stats.finish(self)
+        return GenerationResult(tokens, stats)
+
+
+@jax.jit
+def _padding_bias(mask):
+    return visibility_bias(key_padding(mask))
+
+
+def _init_caches(rows, cfg, max_len, device):
+    zeros = jax.device_put(np.zeros((rows, cfg.num_heads, max_len, cfg.d_kv), jnp.dtype(cfg.dtype)), device)
+    return [KVCache(zeros, zeros) for _ in range(cfg.num_decoder_layers)]  # updated functionally, never in place

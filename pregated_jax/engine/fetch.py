@@ -1,0 +1,186 @@
+"""Moving experts host -> device, driven by device-resident routing decisions.
+
+Nothing here reads a routing decision on the host: the expert ids stay on the device and a jitted
+`dynamic_index_in_dim` on the pinned-host stack selects what to copy (a host round trip per block
+serializes the pipeline; NOTES.md §3). Copies are skipped with `lax.cond` for empty slots and cache
+hits. Every function returns how many experts it copied, as a device scalar, for the statistics.
+
+The device expert cache is a per-MoE-block slot table whose bookkeeping (LRU, LFU, LIFO, FIFO) runs on
+the device as well; `cache_sim.ExpertCacheSim` is its pure-Python reference.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+from jax.sharding import SingleDeviceSharding
+
+from pregated_jax.moe import ExpertSlots
+from pregated_jax.routing import RouterDecision
+
+Array = jax.Array
+POLICIES = ("lru", "lfu", "lifo", "fifo")
+
+
+def needed_experts(decision: RouterDecision, k: int) -> Array:
+    """Distinct experts of the kept tokens, ascending, padded with -1 -> [k] int32."""
+    e = decision.num_experts
+    index = jnp.where(decision.keep, decision.expert_index, e).reshape(-1)  # E marks dropped tokens
+    unique = jnp.unique(index, size=k + 1, fill_value=e)[:k]  # real ids sort before the marker
+    return jnp.where(unique < e, unique, -1).astype(jnp.int32)
+
+
+def _copy_expert(host_wi, host_wo, expert, device: SingleDeviceSharding):
+    """One expert's weights from host memory to the device, or zeros (no copy) when expert < 0."""
+
+    def copy(e):
+        wi = jax.lax.dynamic_index_in_dim(host_wi, e, keepdims=False)
+        wo = jax.lax.dynamic_index_in_dim(host_wo, e, keepdims=False)
+        return jax.device_put(wi, device), jax.device_put(wo, device)
+
+    def skip(_):
+        return (jax.device_put(jnp.zeros(host_wi.shape[1:], host_wi.dtype), device),
+                jax.device_put(jnp.zeros(host_wo.shape[1:], host_wo.dtype), device))
+
+    return jax.lax.cond(expert >= 0, copy, skip, expert)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def fetch_decision(host_wi, host_wo, decision: RouterDecision, k: int, device: SingleDeviceSharding,
+                   exclude: Array | None = None):
+    """Copies the experts `decision` needs into a fresh k-slot table.
+
+    `exclude` [G] lists experts already on the device (speculative mode: the prefetched ones); they
+    are not copied again. -> (ExpertSlots with ids -1 for unused slots, experts copied [int32]).
+    """
+    ids = needed_experts(decision, k)
+    if exclude is not None:
+        ids = jnp.where(jnp.any(ids[:, None] == exclude[None, :], axis=-1), -1, ids)
+    wi, wo = _copy_all(host_wi, host_wo, ids, device)
+    return ExpertSlots(wi, wo, ids), jnp.sum(ids >= 0).astype(jnp.int32)
+
+
+def _copy_all(host_wi, host_wo, ids, device):
+    """Slot by slot (a static loop: k is small on the decode path) -> wi [k, d, ff], wo [k, ff, d]."""
+    pairs = [_copy_expert(host_wi, host_wo, ids[j], device) for j in range(ids.shape[0])]
+    return jnp.stack([p[0] for p in pairs]), jnp.stack([p[1] for p in pairs])
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def fetch_range(host_wi, host_wo, start: int, size: int, device: SingleDeviceSharding) -> ExpertSlots:
+    """A contiguous range of experts [start, start + size) in one copy (full-bandwidth path)."""
+    wi = jax.device_put(jax.lax.slice_in_dim(host_wi, start, start + size), device)
+    wo = jax.device_put(jax.lax.slice_in_dim(host_wo, start, start + size), device)
+    return ExpertSlots(wi, wo, jnp.arange(start, start + size, dtype=jnp.int32))
+
+
+def fetch_all(host_wi, host_wo, device: SingleDeviceSharding) -> ExpertSlots:
+    """The whole stack (prefetch-all, or gpu-only's resident copy)."""
+    return fetch_range(host_wi, host_wo, 0, host_wi.shape[0], device)
+
+
+def merge_slots(a: ExpertSlots, b: ExpertSlots) -> ExpertSlots:
+    return _merge(a, b)
+
+
+@jax.jit
+def _merge(a, b):
+    return ExpertSlots(jnp.concatenate([a.wi, b.wi]), jnp.concatenate([a.wo, b.wo]),
+                       jnp.concatenate([a.expert_ids, b.expert_ids]))
+
+
+# --- the device expert cache --------------------------------------------------------------------
+
+@struct.dataclass
+class CacheState:
+    """One MoE block's device slot table and its bookkeeping (all on the device)."""
+
+    slots: ExpertSlots  # wi [C, d, ff], wo [C, ff, d], expert_ids [C] (-1: empty)
+    last_use: Array  # [C] int32 clock of the last access that needed the slot's expert
+    freq: Array  # [C] int32 accesses that needed it since it was inserted
+    inserted: Array  # [C] int32 clock of insertion
+    clock: Array  # [] int32, +1 per access
+    hits: Array  # [] int32
+    misses: Array  # [] int32
+
+
+def empty_cache(capacity: int, host_wi, host_wo, device: SingleDeviceSharding) -> CacheState:
+    return _empty_cache(host_wi, host_wo, capacity, device)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _empty_cache(host_wi, host_wo, capacity, device):
+    z = lambda shape, dtype: jax.device_put(jnp.zeros(shape, dtype), device)  # noqa: E731
+    slots = ExpertSlots(z((capacity,) + host_wi.shape[1:], host_wi.dtype),
+                        z((capacity,) + host_wo.shape[1:], host_wo.dtype),
+                        jnp.full((capacity,), -1, jnp.int32))
+    zeros = jnp.zeros((capacity,), jnp.int32)
+    return CacheState(slots, zeros, zeros, zeros, jnp.int32(0), jnp.int32(0), jnp.int32(0))
+
+
+def _victim(ids, last_use, freq, inserted, protected, policy: str):
+    """Slot to fill: the lowest empty slot, else the policy's choice among unprotected slots."""
+    empty = ids < 0
+    big = jnp.iinfo(jnp.int32).max
+    if policy == "lru":
+        score = last_use
+    elif policy == "lfu":
+        score = freq * (2 ** 20) + last_use  # frequency first, then recency (clock < 2**20)
+    elif policy == "lifo":
+        score = -inserted
+    else:  # fifo
+        score = inserted
+    score = jnp.where(protected, big, score)
+    return jnp.where(jnp.any(empty), jnp.argmax(empty), jnp.argmin(score)).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5), donate_argnums=0)
+def cache_lookup(state: CacheState, host_wi, host_wo, needed: Array, policy: str,
+                 device: SingleDeviceSharding) -> CacheState:
+    """Makes every expert in `needed` [k] (ascending, -1 padded) resident, copying only misses."""
+    t = state.clock + 1
+    valid = needed >= 0
+
+    def plan(carry, e):
+        ids, last_use, freq, inserted = carry
+        present = ids == e
+        hit = jnp.any(present) & (e >= 0)
+        protected = jnp.any(ids[:, None] == jnp.where(valid, needed, -2)[None, :], axis=-1)
+        slot = jnp.where(hit, jnp.argmax(present), _victim(ids, last_use, freq, inserted, protected, policy))
+        miss = (e >= 0) & ~hit
+        upd = lambda a, v: jnp.where(e >= 0, a.at[slot].set(v), a)  # noqa: E731
+        ids = upd(ids, e)
+        last_use = upd(last_use, t)
+        freq = jnp.where(miss, freq.at[slot].set(1), upd(freq, freq[slot] + 1))
+        inserted = jnp.where(miss, inserted.at[slot].set(t), inserted)
+        return (ids, last_use, freq, inserted), (slot, jnp.where(miss, e, -1))
+
+    meta = (state.slots.expert_ids, state.last_use, state.freq, state.inserted)
+    (ids, last_use, freq, inserted), (slots, copies) = jax.lax.scan(plan, meta, needed)
+
+    def copy_one(j, tables):
+        wi, wo = tables
+        new_wi, new_wo = _copy_expert(host_wi, host_wo, copies[j], device)
+        fill = copies[j] >= 0
+        wi = jax.lax.dynamic_update_index_in_dim(wi, jnp.where(fill, new_wi, wi[slots[j]]), slots[j], 0)
+        wo = jax.lax.dynamic_update_index_in_dim(wo, jnp.where(fill, new_wo, wo[slots[j]]), slots[j], 0)
+        return wi, wo
+
+    wi, wo = jax.lax.fori_loop(0, needed.shape[0], copy_one, (state.slots.wi, state.slots.wo))
+    n_miss = jnp.sum(copies >= 0).astype(jnp.int32)
+    return CacheState(ExpertSlots(wi, wo, ids), last_use, freq, inserted, t,
+                      state.hits + jnp.sum(valid).astype(jnp.int32) - n_miss, state.misses + n_miss)
+
+
+needed_experts_jit = jax.jit(needed_experts, static_argnums=1)
+
+
+@jax.jit
+def overlap(needed: Array, available: Array) -> Array:
+    """-> [2] int32: (how many of `needed` are in `available`, how many are needed); -1 entries ignored."""
+    valid = needed >= 0
+    found = jnp.any(needed[:, None] == available[None, :], axis=-1) & valid
+    return jnp.stack([jnp.sum(found), jnp.sum(valid)]).astype(jnp.int32)

@@ -1,0 +1,203 @@
+"""Where weights live: expert stacks in host memory, everything else on the device, per-block programs.
+
+Every block is split once into (graphdef, non-expert state on the device, expert weights in host
+memory). The jitted phase functions below merge a block from its graphdef and state at trace time only,
+so each dispatch flattens just that block's small state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import SingleDeviceSharding
+
+from pregated_jax.model import Block, SwitchTransformer
+from pregated_jax.moe import ExpertSlots
+from pregated_jax.routing import decide
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Memories:
+    """The device and the two shardings the engine moves weights between."""
+
+    device: jax.Device
+    on_device: SingleDeviceSharding
+    on_host: SingleDeviceSharding
+
+    @classmethod
+    def for_device(cls, device: jax.Device | None = None) -> "Memories":
+        device = device or jax.devices()[0]
+        kinds = {m.kind for m in device.addressable_memories()}
+        host = "pinned_host" if "pinned_host" in kinds else device.default_memory().kind
+        return cls(device, SingleDeviceSharding(device, memory_kind=device.default_memory().kind),
+                   SingleDeviceSharding(device, memory_kind=host))
+
+
+def _is_expert_weight(path, _value) -> bool:
+    return len(path) >= 2 and path[-2] == "experts" and path[-1] in ("wi", "wo")
+
+
+@dataclasses.dataclass
+class BlockProgram:
+    """One block, split for the engine: graphdef, device state, and (MoE blocks) host expert stacks."""
+
+    graphdef: nnx.GraphDef
+    state: nnx.State  # non-expert weights and RNG state, on the device
+    placeholder: nnx.State  # tiny stand-ins for the expert weights (they travel separately)
+    is_sparse: bool
+    host_wi: Array | None = None  # [E, d, ff] in host memory
+    host_wo: Array | None = None  # [E, ff, d]
+    router_classifier: Array | None = None  # [d, E] own gate, on the device (speculative prediction)
+
+    @classmethod
+    def from_block(cls, block: Block, mem: Memories, dtype) -> "BlockProgram":
+        graphdef, experts, rest = nnx.split(block, _is_expert_weight, ...)
+        rest = jax.device_put(rest, mem.on_device)
+        placeholder = jax.tree.map(lambda _: jnp.zeros((0,), dtype), experts)
+        prog = cls(graphdef, rest, placeholder, block.is_sparse)
+        if block.is_sparse:
+            prog.host_wi = jax.device_put(block.experts.wi[...].astype(dtype), mem.on_host)
+            prog.host_wo = jax.device_put(block.experts.wo[...].astype(dtype), mem.on_host)
+            if block.router is not None:
+                prog.router_classifier = jax.device_put(block.router.classifier[...], mem.on_device)
+        return prog
+
+    @property
+    def num_experts(self) -> int:
+        return self.host_wi.shape[0]
+
+    @property
+    def expert_bytes(self) -> int:
+        return (self.host_wi[0].size + self.host_wo[0].size) * self.host_wi.dtype.itemsize
+
+    def attend_and_route(self, x, bias, decision=None, cross=None, cross_bias=None, cache=None,
+                         cache_index=None):
+        """-> (x, h, decision, next_decision, cache); see `Block.attend_and_route`."""
+        return _attend_and_route(self.graphdef, self.state, self.placeholder, x, bias, decision, cross,
+                                 cross_bias, cache, cache_index)
+
+    def ffn_output(self, x, h, decision, slots: ExpertSlots | None):
+        return _ffn_output(self.graphdef, self.state, self.placeholder, x, h, decision, slots)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _attend_and_route(graphdef, state, placeholder, x, bias, decision, cross, cross_bias, cache, cache_index):
+    block = nnx.merge(graphdef, placeholder, state)
+    return block.attend_and_route(x, bias, decision=decision, cross=cross, cross_bias=cross_bias,
+                                  cache=cache, cache_index=cache_index)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _ffn_output(graphdef, state, placeholder, x, h, decision, slots):
+    block = nnx.merge(graphdef, placeholder, state)
+    return block.ffn_output(x, h, decision, slots)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def predict_decision(classifier: Array, h: Array, capacity: int | None):
+    """Applies a gate [d, E] to h [B, S, d]: the speculative prediction of a block's routing."""
+    return decide(h.astype(jnp.float32) @ classifier, capacity)
+
+
+@dataclasses.dataclass
+class StackProgram:
+    """A stack's position bias, final norm and block programs."""
+
+    bias_graphdef: nnx.GraphDef
+    bias_state: nnx.State
+    norm_graphdef: nnx.GraphDef
+    norm_state: nnx.State
+    blocks: list[BlockProgram]
+    kind: str
+
+    @classmethod
+    def from_stack(cls, stack, mem: Memories, dtype) -> "StackProgram":
+        bias_gd, bias_state = nnx.split(stack.relative_bias)
+        norm_gd, norm_state = nnx.split(stack.final_norm)
+        blocks = [BlockProgram.from_block(b, mem, dtype) for b in stack.blocks]
+        return cls(bias_gd, jax.device_put(bias_state, mem.on_device), norm_gd,
+                   jax.device_put(norm_state, mem.on_device), blocks, stack.kind)
+
+    @property
+    def moe_blocks(self) -> list[int]:
+        return [i for i, b in enumerate(self.blocks) if b.is_sparse]
+
+    def self_bias(self, query_positions, key_positions, key_mask):
+        return _self_bias(self.bias_graphdef, self.bias_state, self.kind, query_positions, key_positions,
+                          key_mask)
+
+    def final_norm(self, x):
+        return _final_norm(self.norm_graphdef, self.norm_state, x)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _self_bias(graphdef, state, kind, query_positions, key_positions, key_mask):
+    from pregated_jax.layers import causal, key_padding, visibility_bias
+
+    rel = nnx.merge(graphdef, state)
+    visible = key_padding(key_mask)
+    if kind == "decoder":
+        visible = visible & causal(query_positions, key_positions)
+    return rel(query_positions, key_positions) + visibility_bias(visible)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _final_norm(graphdef, state, x):
+    return nnx.merge(graphdef, state)(x)
+
+
+@dataclasses.dataclass
+class ModelProgram:
+    """The whole model split for offloaded inference."""
+
+    config: object
+    shared: Array  # [V, d] embedding (tied LM head), on the device
+    lm_head: Array | None  # [d, V] when untied
+    encoder: StackProgram
+    decoder: StackProgram
+    mem: Memories
+
+    @classmethod
+    def from_model(cls, model: SwitchTransformer, mem: Memories | None = None) -> "ModelProgram":
+        mem = mem or Memories.for_device()
+        cfg = model.config
+        dtype = jnp.dtype(cfg.dtype)
+        lm_head = None if cfg.tie_word_embeddings else jax.device_put(model.lm_head[...], mem.on_device)
+        return cls(cfg, jax.device_put(model.shared[...], mem.on_device), lm_head,
+                   StackProgram.from_stack(model.encoder, mem, dtype),
+                   StackProgram.from_stack(model.decoder, mem, dtype), mem)
+
+    def embed(self, ids):
+        return _embed(self.shared, ids, self.config.dtype)
+
+    def logits(self, hidden):
+        return _logits(self.shared, self.lm_head, hidden, self.config.d_model, self.config.tie_word_embeddings)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _embed(shared, ids, dtype):
+    return shared[ids].astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _logits(shared, lm_head, hidden, d_model, tied):
+    hidden = hidden.astype(jnp.float32)
+    if tied:
+        return (hidden * d_model ** -0.5) @ shared.T
+    return hidden @ lm_head
+
+
+def _cross_kv_impl(graphdef, state, placeholder, encoder_hidden):
+    from pregated_jax.model import CrossKV
+
+    block = nnx.merge(graphdef, placeholder, state)
+    return CrossKV(*block.cross_attn.project_kv(encoder_hidden))
+
+
+cross_kv = jax.jit(_cross_kv_impl, static_argnums=0)
