@@ -116,6 +116,8 @@ class SwitchConfig:
         kw = {k: d[k] for k in _HF_FIELDS if k in d and d[k] is not None}
         if "num_decoder_layers" not in kw and "num_layers" in kw:
             kw["num_decoder_layers"] = kw["num_layers"]
+        if kw.get("expert_capacity", 0) >= _NO_CAPACITY:  # how to_hf_dict writes "dropless"
+            kw["expert_capacity"] = None
         if isinstance(kw.get("eos_token_id"), list):
             kw["eos_token_id"] = kw["eos_token_id"][0]
         extra = d.get("pregated_jax", {})  # our own fields, written by to_hf_dict
@@ -132,10 +134,13 @@ class SwitchConfig:
             architectures=["SwitchTransformersForConditionalGeneration"],
             dense_act_fn="relu", feed_forward_proj="relu", is_gated_act=False, router_bias=False,
             router_type="tokens_masked", router_dtype="float32", is_encoder_decoder=True,
-            expert_capacity=self.expert_capacity if self.expert_capacity is not None else 2**31 - 1,
+            expert_capacity=self.expert_capacity if self.expert_capacity is not None else _NO_CAPACITY,
             pregated_jax={"routing": self.routing, "capacity_factor": self.capacity_factor},
         )
         return d
+
+
+_NO_CAPACITY = 2**31 - 1  # HF needs an int; this stands for "no capacity limit"
 
 
 def _sparse_step(num_layers: int, num_sparse: int) -> int:
