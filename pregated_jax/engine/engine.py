@@ -82,6 +82,8 @@ class InferenceEngine:
                              "conventional model; use mode 'pregated' for a pre-gated one")
         self.config, self.model_config = config, cfg
         self.mem = Memories.for_device(device)
+        if config.mode == "gpu-only":  # experts placed on the device, as the ceiling
+            self.mem = dataclasses.replace(self.mem, on_host=self.mem.on_device)
         self.program = ModelProgram.from_model(model, self.mem)
         some = self.program.encoder.blocks[self.program.encoder.moe_blocks[0]] if self.program.encoder.moe_blocks \
             else self.program.decoder.blocks[self.program.decoder.moe_blocks[0]]
@@ -92,7 +94,7 @@ class InferenceEngine:
             for sp in (self.program.encoder, self.program.decoder):
                 for i in sp.moe_blocks:
                     b = sp.blocks[i]
-                    self.resident[(sp.kind, i)] = F.fetch_all(b.host_wi, b.host_wo, self.mem.on_device)
+                    self.resident[(sp.kind, i)] = F.ExpertSlots(b.host_wi, b.host_wo, None)
         self.cache_slots = self._cache_slots()
         self.chunk = self._prefill_chunk()
         self.caches: dict = {}
@@ -146,6 +148,8 @@ class InferenceEngine:
                 continue
             j = moe.index(i)
             nxt = moe[j + 1] if j + 1 < len(moe) else None
+            if stats.profile_blocks:
+                started = Stopwatch(wait=x)
             if mode == "prefetch-all" and nxt is not None:  # issued before this block's computation
                 prefetched[nxt] = self._copy_all(sp, nxt, stats)
             x, h, decision, next_decision, cache = bp.attend_and_route(
@@ -163,6 +167,10 @@ class InferenceEngine:
             if pending is not None:
                 prefetched[nxt] = pending
             decision = next_decision
+            if stats.track_memory:
+                stats.sample_memory(self.mem.device)
+            if stats.profile_blocks:
+                stats.moe_block_s.append(started.lap(x))
         return sp.final_norm(x), (None if caches is None else new_caches)
 
     def _copy_all(self, sp, i, stats):
@@ -238,8 +246,14 @@ class InferenceEngine:
 
     # --- generation ---------------------------------------------------------------------------------
     def generate(self, input_ids, attention_mask=None, *, max_new_tokens: int = 32, num_beams: int = 1,
-                 length_penalty: float = 1.0, progress=None) -> GenerationResult:
-        """Greedy (num_beams=1) or beam search. input_ids [B, S] -> GenerationResult(tokens [B, T])."""
+                 length_penalty: float = 1.0, progress=None, track_memory: bool = False,
+                 profile_blocks: bool = False) -> GenerationResult:
+        """Greedy (num_beams=1) or beam search. input_ids [B, S] -> GenerationResult(tokens [B, T]).
+
+        progress(step, total) is called after every decode step. For measurements only: `track_memory`
+        samples device bytes-in-use after every block dispatch; `profile_blocks` synchronizes around every
+        MoE block to time it (which removes the overlap it measures).
+        """
         cfg, put = self.model_config, lambda a: jax.device_put(np.asarray(a, np.int32), self.mem.on_device)
         input_ids = np.asarray(input_ids)
         if input_ids.ndim != 2:
@@ -254,6 +268,7 @@ class InferenceEngine:
             raise ValueError(f"cache_experts={self.cache_slots} per block is less than the {rows} tokens a "
                              f"decode step may route (batch x beams); raise it or the budget")
         stats = RunStats.start(self, batch, num_beams, input_ids.shape[1], max_new_tokens)
+        stats.track_memory, stats.profile_blocks = track_memory, profile_blocks
         watch = Stopwatch()
         ids, mask = put(input_ids), put(mask)
 
@@ -271,6 +286,7 @@ class InferenceEngine:
         key_positions = jax.device_put(np.arange(max_new_tokens, dtype=np.int32), self.mem.on_device)
         state = init_search(batch, num_beams, max_new_tokens, cfg.decoder_start_token_id)
         stats.prefill_s = watch.lap(hidden)
+        stats.mark_prefill_done(self)
 
         for t in range(max_new_tokens):
             bias = dec.self_bias(state.step[None], key_positions, None)

@@ -12,7 +12,9 @@ import numpy as np
 class Stopwatch:
     """Wall-clock laps; a lap waits for the given arrays first (device work is asynchronous)."""
 
-    def __init__(self):
+    def __init__(self, wait=None):
+        if wait is not None:
+            jax.block_until_ready(wait)
         self.t = time.perf_counter()
 
     def lap(self, *wait) -> float:
@@ -39,8 +41,15 @@ class RunStats:
     cache_misses: int | None = None
     speculative_hits: int | None = None
     speculative_needed: int | None = None
-    peak_device_bytes: int | None = None
+    peak_device_bytes: int | None = None  # the device's lifetime peak (includes model construction)
+    sampled_peak_bytes: int | None = None  # max bytes-in-use seen during this run (track_memory)
+    prefill_experts_copied: int = 0
+    moe_block_s: list = dataclasses.field(default_factory=list)  # profile_blocks: per MoE block call
+    track_memory: bool = False
+    profile_blocks: bool = False
     _cache_baseline: tuple = (0, 0)
+    _cache_at_prefill: tuple = (0, 0)
+    _prefill_mark: int = 0
     _copied: list = dataclasses.field(default_factory=list, repr=False)
     _speculation: list = dataclasses.field(default_factory=list, repr=False)
 
@@ -54,14 +63,24 @@ class RunStats:
         """n: a Python int (static copies) or a device scalar (data-dependent copies)."""
         self._copied.append(n)
 
+    def sample_memory(self, device):
+        used = (device.memory_stats() or {}).get("bytes_in_use")
+        if used is not None:
+            self.sampled_peak_bytes = max(self.sampled_peak_bytes or 0, used)
+
+    def mark_prefill_done(self, engine):
+        """Remembers which copies belong to the prefill (called right after it synchronized)."""
+        self._prefill_mark = len(self._copied)
+        self._cache_at_prefill = _cache_counters(engine) if engine.caches else self._cache_baseline
+
     def add_speculation(self, pair):
         self._speculation.append(pair)
 
     def finish(self, engine):
         """Reads the device-side counters (one transfer, after the run)."""
-        static = sum(n for n in self._copied if isinstance(n, int))
-        dynamic = [n for n in self._copied if not isinstance(n, int)]
-        self.experts_copied = static + int(sum(np.asarray(jax.device_get(dynamic)))) if dynamic else static
+        self.experts_copied = _total(self._copied)
+        self.prefill_experts_copied = _total(self._copied[:self._prefill_mark])
+        self.prefill_experts_copied += self._cache_at_prefill[1] - self._cache_baseline[1]
         if self._speculation:
             pairs = np.asarray(jax.device_get(self._speculation)).sum(0)
             self.speculative_hits, self.speculative_needed = int(pairs[0]), int(pairs[1])
@@ -96,7 +115,10 @@ class RunStats:
                             if self.cache_hits is not None and self.cache_hits + self.cache_misses else None),
             speculative_hit_rate=(self.speculative_hits / self.speculative_needed
                                   if self.speculative_needed else None),
+            decode_bytes_moved=(self.experts_copied - self.prefill_experts_copied) * self.expert_bytes,
+            moe_block_ms=(1e3 * sum(self.moe_block_s) / len(self.moe_block_s) if self.moe_block_s else None),
         )
+        d.pop("moe_block_s")
         return d
 
     def table(self) -> str:
@@ -113,6 +135,13 @@ class RunStats:
             ("cache hit rate", _pct(d["cache_hit_rate"])), ("speculative hit rate", _pct(d["speculative_hit_rate"])),
         ]
         return "\n".join(["| statistic | value |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in rows])
+
+
+def _total(counts) -> int:
+    """Sums Python ints and device scalars (the latter in one transfer)."""
+    dynamic = [n for n in counts if not isinstance(n, int)]
+    total = sum(n for n in counts if isinstance(n, int))
+    return total + (int(np.sum(jax.device_get(dynamic))) if dynamic else 0)
 
 
 def _cache_counters(engine) -> tuple[int, int]:

@@ -1,0 +1,280 @@
+"""Benchmark: engine modes x presets x batch x beams, and the Hugging Face peer, in one run.
+
+    python scripts/benchmark.py                       # the full GPU sweep (see --help), ~20 minutes on an H100
+    python scripts/benchmark.py --tiny --out /tmp/b   # the CPU smoke configuration (the tests run it)
+
+Every (preset, implementation, mode) runs in its own worker process, so each gets its own device memory
+peak. Workers print one JSON line per (batch, beams) row. Random bf16 weights at the real shapes.
+Writes `results.json` (rows, machine, command), `results.md` (table, roofline ratios) and `chart.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+FULL = dict(presets=["switch-base-8", "switch-base-64", "switch-base-128", "switch-base-256", "switch-large-128"],
+            modes=["gpu-only", "on-demand", "prefetch-all", "pregated", "speculative"],
+            peer_modes=["gpu-only", "on-demand"], batches=[1, 8], beams=[1, 4], input_len=256, new_tokens=64)
+TINY = dict(presets=["tiny"], modes=["gpu-only", "on-demand", "prefetch-all", "pregated", "speculative"],
+            peer_modes=["gpu-only", "on-demand"], batches=[1, 2], beams=[1, 2], input_len=16, new_tokens=4)
+LINK_GBPS = 52.0  # measured pinned host->device bandwidth at 1 GB (NOTES.md §3)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="the CPU smoke configuration")
+    p.add_argument("--presets", nargs="+")
+    p.add_argument("--modes", nargs="+")
+    p.add_argument("--peer-modes", nargs="*", help="HF peer modes (empty: no peer)")
+    p.add_argument("--batches", nargs="+", type=int)
+    p.add_argument("--beams", nargs="+", type=int)
+    p.add_argument("--input-len", type=int)
+    p.add_argument("--new-tokens", type=int)
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per row (best is kept)")
+    p.add_argument("--cache", default=None, help="cache policy for the offload modes (default: off)")
+    p.add_argument("--cache-experts", type=int, default=None)
+    p.add_argument("--device-budget-gib", type=float, default=None,
+                   help="bound the engine's expert buffers (pregated mode only)")
+    p.add_argument("--timeout", type=int, default=900, help="seconds per worker")
+    p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks"))
+    p.add_argument("--plot-only", action="store_true", help="redraw results.md/chart.png from results.json")
+    p.add_argument("--worker", choices=["engine", "peer"], help=argparse.SUPPRESS)
+    p.add_argument("--preset", help=argparse.SUPPRESS)
+    p.add_argument("--mode", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    base = TINY if args.tiny else FULL
+    for k, v in base.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return args
+
+
+# --- workers ------------------------------------------------------------------------------------------
+
+def engine_worker(args):
+    import jax
+    import numpy as np
+
+    from pregated_jax.bench.random_model import random_model
+    from pregated_jax.config import get_preset
+    from pregated_jax.engine import InferenceEngine
+
+    routing = "conventional" if args.mode == "speculative" else "pregated"
+    dtype = "float32" if args.tiny else "bfloat16"
+    cfg = get_preset(args.preset, routing=routing, dtype=dtype)
+    t0 = time.perf_counter()
+    model = random_model(cfg, seed=0, experts_on_host=args.mode != "gpu-only")
+    kw = {}
+    if args.cache and args.mode not in ("gpu-only", "prefetch-all"):
+        kw.update(cache_policy=args.cache, cache_experts=args.cache_experts)
+    if args.device_budget_gib and args.mode == "pregated":
+        kw.update(device_budget_bytes=int(args.device_budget_gib * 2**30))
+    engine = InferenceEngine(model, mode=args.mode, check_every=10**9, **kw)
+    del model
+    build_s = time.perf_counter() - t0
+    rng = np.random.default_rng(0)
+    for batch in args.batches:
+        for beams in args.beams:
+            ids = rng.integers(2, min(cfg.vocab_size, 32000), (batch, args.input_len), dtype=np.int32)
+            t = time.perf_counter()
+            engine.generate(ids, max_new_tokens=args.new_tokens, num_beams=beams)  # compile + warm up
+            compile_s = time.perf_counter() - t
+            runs = [engine.generate(ids, max_new_tokens=args.new_tokens, num_beams=beams).stats
+                    for _ in range(args.repeats)]
+            best = min(runs, key=lambda s: s.prefill_s + s.decode_s).as_dict()
+            # Memory and per-MoE-block latency in separate runs: sampling and syncing perturb timing.
+            mem_stats = engine.generate(ids, max_new_tokens=args.new_tokens, num_beams=beams, track_memory=True).stats
+            prof = engine.generate(ids, max_new_tokens=args.new_tokens, num_beams=beams,
+                                   profile_blocks=True).stats.as_dict()
+            best.update(preset=args.preset, impl="pregated-jax", sampled_peak_bytes=mem_stats.sampled_peak_bytes,
+                        moe_block_ms=prof["moe_block_ms"], compile_s=compile_s, build_s=build_s,
+                        cache=args.cache, device=str(jax.devices()[0].device_kind))
+            print("ROW " + json.dumps(best), flush=True)
+
+
+def peer_worker(args):
+    from pregated_jax.bench.hf_peer import run_hf_peer
+    from pregated_jax.config import get_preset
+
+    cfg = get_preset(args.preset).to_hf_dict()
+    cfg.pop("pregated_jax")
+    device = "cpu" if args.tiny else "cuda"
+    for batch in args.batches:
+        for beams in args.beams:
+            r = run_hf_peer(cfg, args.mode, batch, beams, input_len=args.input_len, new_tokens=args.new_tokens,
+                            device=device, seed=0)
+            r.pop("tokens", None)
+            r.update(preset=args.preset, impl="hf-transformers", mode=args.mode, batch=batch, num_beams=beams)
+            print("ROW " + json.dumps(r), flush=True)
+
+
+# --- orchestration ------------------------------------------------------------------------------------
+
+def spawn(args, worker, preset, mode) -> list[dict]:
+    cmd = [sys.executable, __file__, "--worker", worker, "--preset", preset, "--mode", mode,
+           "--batches", *map(str, args.batches), "--beams", *map(str, args.beams),
+           "--input-len", str(args.input_len), "--new-tokens", str(args.new_tokens),
+           "--repeats", str(args.repeats)] + (["--tiny"] if args.tiny else [])
+    if args.cache:
+        cmd += ["--cache", args.cache] + (["--cache-experts", str(args.cache_experts)] if args.cache_experts else [])
+    if args.device_budget_gib:
+        cmd += ["--device-budget-gib", str(args.device_budget_gib)]
+    t = time.perf_counter()
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(Path(args.out) / ".jax_cache"))
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+        out, err, code = proc.stdout, proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as e:
+        out, err, code = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), "timeout", -1
+    rows = [json.loads(line[4:]) for line in out.splitlines() if line.startswith("ROW ")]
+    status = "ok" if code == 0 else f"FAILED ({code})"
+    print(f"[{time.perf_counter() - t:6.1f}s] {worker:6s} {preset:16s} {mode:13s} {len(rows)} rows {status}", flush=True)
+    if code != 0:
+        rows.append(dict(preset=preset, mode=mode, impl="pregated-jax" if worker == "engine" else "hf-transformers",
+                         error=err.strip().splitlines()[-1][:300] if err.strip() else f"exit {code}"))
+    return rows
+
+
+def machine_info() -> dict:
+    info = dict(python=platform.python_version(), host=platform.node(), platform=platform.platform())
+    try:
+        import jax
+        info.update(jax=jax.__version__, device=str(jax.devices()[0].device_kind), backend=jax.default_backend())
+    except Exception as e:  # noqa: BLE001
+        info["jax_error"] = str(e)
+    try:
+        info["nvidia_smi"] = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
+                                             "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
+    except FileNotFoundError:
+        pass
+    return info
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Per row: decode time over its roofline max(gpu-only decode time, decode bytes / link bandwidth),
+    and end-to-end speed over the HF OnDemand peer's."""
+    key = lambda r: (r.get("preset"), r.get("batch"), r.get("num_beams"))  # noqa: E731
+    gpu = {key(r): r for r in rows if r.get("impl") == "pregated-jax" and r.get("mode") == "gpu-only" and "error" not in r}
+    peer = {key(r): r for r in rows if r.get("impl") == "hf-transformers" and r.get("mode") == "on-demand"
+            and "error" not in r}
+    for r in rows:
+        if r.get("impl") != "pregated-jax" or "error" in r:
+            continue
+        g = gpu.get(key(r))
+        if g:
+            roof = max(g["decode_s"], r["decode_bytes_moved"] / (LINK_GBPS * 1e9))
+            r["roofline_decode_s"] = roof
+            r["decode_over_roofline"] = r["decode_s"] / roof
+            if g.get("sampled_peak_bytes") and r.get("sampled_peak_bytes"):
+                r["peak_vs_gpu_only"] = r["sampled_peak_bytes"] / g["sampled_peak_bytes"]
+        p = peer.get(key(r))
+        if p and p.get("tokens_per_s"):
+            r["speedup_vs_hf_on_demand"] = r["end_to_end_tokens_per_s"] / p["tokens_per_s"]
+
+
+def write_report(out: Path, doc: dict) -> None:
+    rows = doc["rows"]
+    add_ratios(rows)
+    (out / "results.json").write_text(json.dumps(doc, indent=1))
+    lines = [f"# Benchmark results\n", f"Machine: `{doc['machine'].get('nvidia_smi') or doc['machine'].get('device')}`, "
+             f"jax {doc['machine'].get('jax')}. Command: `{doc['command']}`. "
+             f"{doc['input_len']} input tokens, {doc['new_tokens']} new tokens, random bf16 weights.\n",
+             "| preset | impl | mode | batch | beams | prefill ms | decode tok/s | end-to-end tok/s | x HF OnDemand "
+             "| decode / roofline | MoE block ms | GB moved | H2D GB/s | peak GiB | peak vs gpu-only |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['preset']} | {r['impl']} | {r['mode']} | | | error: {r['error']} | | | | | | | | | |")
+            continue
+        ours = r["impl"] == "pregated-jax"
+        peak = r.get("sampled_peak_bytes") if ours else r.get("peak_bytes")
+        lines.append(
+            f"| {r['preset']} | {r['impl']} | {r['mode']} | {r['batch']} | {r['num_beams']} "
+            f"| {f(1e3 * r['prefill_s'] if r.get('prefill_s') is not None else None, '.1f')} "
+            f"| {f(r.get('decode_tokens_per_s'), '.1f')} "
+            f"| {f(r.get('end_to_end_tokens_per_s') or r.get('tokens_per_s'), '.1f')} "
+            f"| {f(r.get('speedup_vs_hf_on_demand'), '.2f')} | {f(r.get('decode_over_roofline'), '.2f')} "
+            f"| {f(r.get('moe_block_ms'), '.2f')} | {f(r['bytes_moved'] / 1e9 if ours else None, '.2f')} "
+            f"| {f(r.get('h2d_gb_per_s'), '.1f')} | {f(peak / 2**30 if peak else None, '.2f')} "
+            f"| {f(r.get('peak_vs_gpu_only'), '.3f')} |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    plot(out, rows)
+
+
+def plot(out: Path, rows: list[dict]) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no chart")
+        return
+    sel = [r for r in rows if "error" not in r and r.get("batch") == 1 and r.get("num_beams") == 1]
+    presets = list(dict.fromkeys(r["preset"] for r in sel))
+    series = list(dict.fromkeys((r["impl"], r["mode"]) for r in sel))
+    fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(presets)), 4))
+    width = 0.8 / max(1, len(series))
+    for n, (impl, mode) in enumerate(series):
+        ys = []
+        for p in presets:
+            m = [r for r in sel if r["preset"] == p and r["impl"] == impl and r["mode"] == mode]
+            ys.append((m[0].get("end_to_end_tokens_per_s") or m[0].get("tokens_per_s") or 0) if m else 0)
+        label = f"{'HF ' if impl != 'pregated-jax' else ''}{mode}"
+        ax.bar([i + n * width for i in range(len(presets))], ys, width, label=label,
+               hatch="//" if impl != "pregated-jax" else None)
+    ax.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(presets))], presets)
+    ax.set_ylabel("end-to-end tokens/s (batch 1, greedy)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("pregated-jax engine modes vs Hugging Face peer")
+    fig.tight_layout()
+    fig.savefig(out / "chart.png", dpi=120)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.worker == "engine":
+        return engine_worker(args)
+    if args.worker == "peer":
+        return peer_worker(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.plot_only:
+        return write_report(out, json.loads((out / "results.json").read_text()))
+    command = "python scripts/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    doc = dict(command=command.strip(), machine=machine_info(), input_len=args.input_len,
+               new_tokens=args.new_tokens, started=time.strftime("%Y-%m-%d %H:%M:%S"), rows=[])
+    have_peer = _peer_available()
+    for preset in args.presets:
+        for mode in args.modes:
+            doc["rows"] += spawn(args, "engine", preset, mode)
+        for mode in (args.peer_modes or []) if have_peer else []:
+            doc["rows"] += spawn(args, "peer", preset, mode)
+        write_report(out, doc)  # after every preset: a partial sweep still leaves results
+    print((out / "results.md").read_text())
+
+
+def _peer_available() -> bool:
+    try:
+        import accelerate  # noqa: F401
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+        return True
+    except ImportError:
+        print("torch/transformers/accelerate not importable: no Hugging Face peer rows")
+        return False
+
+
+if __name__ == "__main__":
+    main()
