@@ -130,7 +130,8 @@ def spawn(args, worker, preset, mode) -> list[dict]:
     if args.device_budget_gib:
         cmd += ["--device-budget-gib", str(args.device_budget_gib)]
     t = time.perf_counter()
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(Path(args.out) / ".jax_cache"))
+    env = dict(os.environ)
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/pregated_jax_compile_cache")
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
         out, err, code = proc.stdout, proc.stderr, proc.returncode
@@ -198,7 +199,7 @@ def write_report(out: Path, doc: dict) -> None:
             lines.append(f"| {r['preset']} | {r['impl']} | {r['mode']} | | | error: {r['error']} | | | | | | | | | |")
             continue
         ours = r["impl"] == "pregated-jax"
-        peak = r.get("sampled_peak_bytes") if ours else r.get("peak_bytes")
+        peak = r.get("sampled_peak_bytes") if ours else r.get("peak_gpu_bytes")
         lines.append(
             f"| {r['preset']} | {r['impl']} | {r['mode']} | {r['batch']} | {r['num_beams']} "
             f"| {f(1e3 * r['prefill_s'] if r.get('prefill_s') is not None else None, '.1f')} "
