@@ -1,0 +1,136 @@
+"""Orbax checkpoints of training runs, and params-only loading for other programs.
+
+Layout: `<workdir>/checkpoints/<step>/` holds three Orbax items:
+  state   the full train state {step, params, opt_state, rngs} (exact resume)
+  params  the params alone, a nested dict of float32 arrays keyed like the model's attributes
+          ('encoder' / 'blocks' / '1' / 'experts' / 'wi'); any program can read it with
+          `orbax.checkpoint.StandardCheckpointer().restore(<step dir>/'params')`
+  config  JSON {"model_config": SwitchConfig fields, "train_config": TrainConfig.to_dict()}
+Orbax writes each step into a temporary folder and renames it when complete, so a run killed mid-save
+leaves no partial step that a restart could pick up; we rely on that instead of our own markers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from pregated_jax.config import SwitchConfig
+from pregated_jax.model import SwitchTransformer, abstract_model, materialize
+
+CHECKPOINT_SUBDIR = "checkpoints"
+
+
+def _handlers() -> dict:
+    return {"state": ocp.StandardCheckpointHandler(), "params": ocp.StandardCheckpointHandler(),
+            "config": ocp.JsonCheckpointHandler()}
+
+
+class CheckpointStore:
+    """A `ocp.CheckpointManager` with async saves, keeping the last `keep` steps."""
+
+    def __init__(self, directory: str | Path, keep: int, async_save: bool = True):
+        self.directory = Path(directory)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                               create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers())
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: dict, config: dict) -> None:
+        """Starts an async save of `state` ({step, params, opt_state, rngs}); returns once the arrays are
+        copied off the accelerator, so the caller may donate them to the next step."""
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  params=ocp.args.StandardSave(state["params"]),
+                                  config=ocp.args.JsonSave(config))
+        self.manager.save(step, args=args, force=True)
+
+    def restore(self, step: int, target: dict) -> dict:
+        """The state saved at `step`, restored into the structure, shapes and dtypes of `target`.
+
+        Fails with a ValueError naming every param whose path or shape differs from `target['params']`.
+        """
+        saved = self.manager.item_metadata(step)["params"]
+        check_params_fit(getattr(saved, "tree", saved), target["params"], f"{self.directory / str(step)}")
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def flat_shapes(tree: Any, prefix: tuple = ()) -> dict[str, tuple]:
+    """Nested dict of arrays / array metadata -> {"a.b.0.c": shape}; keys stringified like Orbax does."""
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            out.update(flat_shapes(v, prefix + (str(k),)))
+        return out
+    return {".".join(prefix): tuple(tree.shape)}
+
+
+def check_params_fit(saved: Any, target: Any, where: str) -> None:
+    """Raises ValueError naming missing / unexpected params and shape mismatches (saved vs target)."""
+    have, want = flat_shapes(saved), flat_shapes(target)
+    problems = [f"{p}: checkpoint shape {have[p]}, model shape {want[p]}"
+                for p in sorted(set(have) & set(want)) if have[p] != want[p]]
+    problems += [f"{p}: missing from the checkpoint (model shape {want[p]})" for p in sorted(set(want) - set(have))]
+    problems += [f"{p}: in the checkpoint {have[p]} but not in the model" for p in sorted(set(have) - set(want))]
+    if problems:
+        shown = "; ".join(problems[:20]) + (f"; ... {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise ValueError(f"checkpoint {where} does not fit the model: {shown}")
+
+
+def step_dir(path: str | Path) -> Path:
+    """A step folder from a workdir, its checkpoints/ folder or a step folder (the latest step wins)."""
+    p = Path(path)
+    if (p / "params").is_dir():
+        return p
+    root = p / CHECKPOINT_SUBDIR if (p / CHECKPOINT_SUBDIR).is_dir() else p
+    steps = sorted(int(d.name) for d in root.iterdir() if d.is_dir() and d.name.isdigit()) if root.is_dir() else []
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint under {p} "
+                                f"(expected <step>/params or {CHECKPOINT_SUBDIR}/<step>/params)")
+    return root / str(steps[-1])
+
+
+def load_params(path: str | Path) -> dict:
+    """Params-only restore -> nested dict of arrays (str keys, e.g. params['encoder']['blocks']['1'])."""
+    return ocp.StandardCheckpointer().restore(step_dir(path) / "params")
+
+
+def load_run_config(path: str | Path) -> dict:
+    """The JSON config item of a step: {"model_config": ..., "train_config": ...}."""
+    return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir(path) / "config")
+
+
+def load_model(path: str | Path, seed: int = 0) -> SwitchTransformer:
+    """The model of a checkpoint (eval mode), built from its saved SwitchConfig and params."""
+    cfg = SwitchConfig(**load_run_config(path)["model_config"])
+    return model_from_params(cfg, load_params(path), seed)
+
+
+def model_from_params(cfg: SwitchConfig, params: dict, seed: int = 0) -> SwitchTransformer:
+    """Materializes `cfg` with a nested params dict (int or str keys); mismatches name the param path."""
+    model = abstract_model(cfg)
+    by_path = {}
+    for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        node = params
+        for key in path:
+            node = node.get(key, node.get(str(key))) if isinstance(node, dict) else None
+            if node is None:
+                break
+        if node is not None:
+            by_path[path] = node
+    extra = set(flat_shapes(params)) - {".".join(map(str, p)) for p in by_path}
+    if extra:
+        raise ValueError(f"params not in a model of this config: {sorted(extra)[:20]}")
+    return materialize(model, by_path, seed)

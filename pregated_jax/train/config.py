@@ -1,0 +1,293 @@
+"""Training configuration: frozen dataclasses, and the two front-ends that resolve into them.
+
+`TrainConfig` nests one dataclass per concern (model, optimizer, training loop, data, init). Library code
+takes only these dataclasses; the front-ends live here so that tests and scripts share them:
+
+- `config_from_py(path, overrides)`: a Python file exposing `get_config() -> TrainConfig`, plus dotted
+  overrides `{"optimizer.learning_rate": "3e-4"}` parsed with the field's type (big_vision / ml_collections
+  style). `model.overrides.<SwitchConfig field>` sets one model field.
+- `config_from_gin(files, bindings)`: gin files and `NAME=VALUE` bindings over the configurables
+  `ModelConfig`, `OptimizerConfig`, `TrainingConfig`, `DataConfig`, `InitConfig` (t5x style); gin's own
+  errors name unknown configurables and parameters. gin is imported only here, only when used.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+from pregated_jax.config import PRESETS, SwitchConfig, get_preset
+
+_SWITCH_FIELDS = {f.name for f in dataclasses.fields(SwitchConfig)}
+
+
+def _check_choice(owner: str, name: str, value, choices: Sequence) -> None:
+    if value not in choices:
+        raise ValueError(f"{owner}.{name} must be one of {list(choices)}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A preset name plus SwitchConfig field overrides. With `InitConfig.from_checkpoint` the checkpoint's
+    own config replaces the preset and only the overrides (dtype, dropout, capacity, ...) apply on top."""
+
+    preset: str = "tiny"
+    overrides: dict = dataclasses.field(default_factory=dict)  # SwitchConfig field -> value
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise ValueError(f"ModelConfig.preset {self.preset!r} is unknown; known: {sorted(PRESETS)}")
+        unknown = sorted(set(self.overrides) - _SWITCH_FIELDS)
+        if unknown:
+            raise ValueError(f"ModelConfig.overrides: unknown SwitchConfig field(s) {unknown}")
+        self.build()  # validates the values
+
+    def build(self) -> SwitchConfig:
+        return get_preset(self.preset, **self.overrides)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    name: Literal["adafactor", "adamw"] = "adafactor"
+    learning_rate: float = 1e-3  # peak learning rate
+    schedule: Literal["constant", "linear_warmup_rsqrt", "cosine"] = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0  # decoupled (AdamW) / Adafactor's weight_decay_rate
+    grad_clip_norm: float | None = None  # global-norm clipping before the optimizer; None: off
+
+    def __post_init__(self):
+        _check_choice("OptimizerConfig", "name", self.name, ("adafactor", "adamw"))
+        _check_choice("OptimizerConfig", "schedule", self.schedule, ("constant", "linear_warmup_rsqrt", "cosine"))
+        if self.warmup_steps < 0 or self.learning_rate <= 0:
+            raise ValueError("OptimizerConfig: learning_rate must be > 0 and warmup_steps >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingConfig:
+    batch_size: int = 8
+    max_input_len: int = 256
+    max_target_len: int = 64
+    num_steps: int = 1000
+    eval_every: int = 500  # steps between evaluations (and at the end)
+    eval_steps: int = 8  # eval batches per evaluation
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    seed: int = 0  # model init, dropout/jitter RNG, data shuffling
+    log_every: int = 50
+    tensorboard: bool = True  # also write TensorBoard events when tensorboardX is importable
+
+    def __post_init__(self):
+        for name in ("batch_size", "max_input_len", "max_target_len", "eval_every", "eval_steps",
+                     "checkpoint_every", "keep_checkpoints", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"TrainingConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.num_steps < 0:
+            raise ValueError(f"TrainingConfig.num_steps must be >= 0, got {self.num_steps}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where batches come from when `train_and_evaluate` is not handed them (see `pregated_jax.data`)."""
+
+    task: str = "debian"  # "debian", "xsum", "squad", "web_questions", or "local" (the paths below)
+    train_path: str | None = None  # local .jsonl/.jsonl.gz/.tsv (task "local")
+    eval_path: str | None = None
+    input_field: str = "inputs"
+    target_field: str = "targets"
+    input_prefix: str = ""  # prepended to every input of a local file, e.g. "summarize: "
+    data_dir: str | None = None  # TFDS data_dir / Debian data folder; None: default
+    eval_split: str | None = None  # None: the task's usual evaluation split
+
+
+@dataclasses.dataclass(frozen=True)
+class InitConfig:
+    from_checkpoint: str | None = None  # a Hugging Face dir, one of our workdirs / step dirs, or None
+    convert_to_pregated: bool = False  # after loading, add pre-gates (`pregated_jax.convert.to_pregated`)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig | SwitchConfig = dataclasses.field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    init: InitConfig = dataclasses.field(default_factory=InitConfig)
+
+    def model_config(self) -> SwitchConfig:
+        """The SwitchConfig of a fresh model (a checkpoint may supply its own instead)."""
+        return self.model if isinstance(self.model, SwitchConfig) else self.model.build()
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
+        """Inverse of `to_dict` (for config.json); unknown keys fail."""
+        m = d.get("model", {})
+        model = ModelConfig(**m) if "preset" in m or not m else SwitchConfig(**m)
+        parts = {name: sub(**d.get(name, {})) for name, sub in _SECTIONS.items() if name != "model"}
+        return cls(model=model, **parts)
+
+
+_SECTIONS = {"model": ModelConfig, "optimizer": OptimizerConfig, "training": TrainingConfig,
+             "data": DataConfig, "init": InitConfig}
+
+
+# --- Python config files and dotted overrides ----------------------------------------------------
+
+def parse_value(text: str, tp, where: str):
+    """Parses a command-line string into type `tp` (int, float, bool, str, Literal, X | None, dict)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if text.strip().lower() in ("none", "null") and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return parse_value(text, arg, where)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(f"{where}: cannot parse {text!r} as {tp}: {'; '.join(errors)}")
+    if origin is Literal:
+        value = _literal(text)
+        if value not in args:
+            raise ValueError(f"{where}: {text!r} is not one of {list(args)}")
+        return value
+    if tp is bool:
+        low = text.strip().lower()
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no"):
+            return False
+        raise ValueError(f"{where}: {text!r} is not a bool")
+    if tp in (int, float):
+        try:
+            value = float(text) if tp is float else int(text)
+        except ValueError:
+            raise ValueError(f"{where}: {text!r} is not a {tp.__name__}") from None
+        return value
+    if tp is str:
+        value = _literal(text)
+        return value if isinstance(value, str) else text
+    if tp is dict or origin is dict:
+        value = _literal(text)
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: {text!r} is not a dict literal")
+        return value
+    return _literal(text)  # Any
+
+
+def _literal(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply_override(config, dotted: str, text: str, where: str = "config"):
+    """Returns `config` with the field at `dotted` (e.g. "optimizer.learning_rate") set from `text`."""
+    head, _, rest = dotted.partition(".")
+    here = f"{where}.{head}"
+    if isinstance(config, ModelConfig) and head == "overrides" and rest:
+        if rest not in _SWITCH_FIELDS or "." in rest:
+            raise ValueError(f"unknown config field {here}.{rest}: SwitchConfig has no field {rest!r}")
+        value = parse_value(text, typing.get_type_hints(SwitchConfig)[rest], f"{here}.{rest}")
+        return dataclasses.replace(config, overrides={**config.overrides, rest: value})
+    names = {f.name for f in dataclasses.fields(config)}
+    if head not in names:
+        raise ValueError(f"unknown config field {here}: {type(config).__name__} has fields {sorted(names)}")
+    if rest:
+        return dataclasses.replace(config, **{head: apply_override(getattr(config, head), rest, text, here)})
+    tp = typing.get_type_hints(type(config))[head]
+    if dataclasses.is_dataclass(getattr(config, head)):
+        raise ValueError(f"config field {here} is a section; set one of its fields, e.g. {here}.<name>=...")
+    return dataclasses.replace(config, **{head: parse_value(text, tp, here)})
+
+
+def config_from_py(path: str | Path, overrides: Mapping[str, str] | Sequence[tuple[str, str]] = ()) -> TrainConfig:
+    """Loads `get_config()` from a Python file and applies dotted string overrides in order."""
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(f"_train_config_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"cannot load a Python config from {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"{path} has no get_config()")
+    config = module.get_config()
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"{path}: get_config() returned {type(config).__name__}, expected TrainConfig")
+    items = overrides.items() if isinstance(overrides, Mapping) else overrides
+    for dotted, text in items:
+        config = apply_override(config, dotted, text)
+    return config
+
+
+# --- gin -------------------------------------------------------------------------------------------
+
+_GIN_CONFIGURABLES: dict = {}
+
+
+def _gin_configurables() -> dict:
+    """Registers the section dataclasses with gin once (by class name) and returns the gin wrappers."""
+    import gin
+
+    if not _GIN_CONFIGURABLES:
+        for cls in _SECTIONS.values():
+            _GIN_CONFIGURABLES[cls.__name__] = gin.external_configurable(cls, name=cls.__name__)
+    return _GIN_CONFIGURABLES
+
+
+def _include_folders(files: Sequence[str | Path]) -> list[Path]:
+    """For every (nested) `include 'x.gin'`, the nearest ancestor folder of the including file holding x.gin."""
+    folders, seen, todo = [], set(), [Path(f).resolve() for f in files]
+    while todo:
+        f = todo.pop()
+        if f in seen or not f.is_file():
+            continue
+        seen.add(f)
+        for inc in re.findall(r"^\s*include\s+['\"]([^'\"]+)['\"]", f.read_text(), re.M):
+            folder = next((d for d in f.parents if (d / inc).is_file()), None)
+            if folder is not None:
+                folders.append(folder)
+                todo.append((folder / inc).resolve())
+    return folders
+
+
+def config_from_gin(files: Sequence[str | Path] = (), bindings: Sequence[str] = ()) -> tuple[TrainConfig, str]:
+    """(TrainConfig, operative gin config text) from gin files and `NAME=VALUE` bindings.
+
+    gin's global config is cleared first. An `include` path is resolved against the nearest ancestor
+    folder of the including file that holds it (so `configs/finetune/x.gin` may include
+    'configs/pregate_finetune.gin' from any working directory), then gin's search path. Unknown
+    configurables or parameters fail with gin's error naming them.
+    """
+    import gin
+
+    wrappers = _gin_configurables()
+    gin.clear_config()
+    # Each include is searched in the including file's nearest ancestor folder that holds it, before gin's
+    # default (the working directory): gin's package-resource lookup crashes on an include whose first
+    # folder is importable as a namespace package (e.g. `configs` with the repository root on sys.path).
+    prefixes = getattr(gin.config, "_LOCATION_PREFIXES", None)
+    for folder in _include_folders(files):
+        if prefixes is None:
+            gin.add_config_file_search_path(str(folder))
+        elif str(folder) not in prefixes:
+            prefixes.insert(0, str(folder))
+    files = [str(Path(f).resolve()) for f in files]
+    gin.parse_config_files_and_bindings(files, list(bindings))
+    parts = {name: wrappers[cls.__name__]() for name, cls in _SECTIONS.items()}
+    # Rebuild with the plain classes so equality with Python-built configs is exact.
+    plain = {name: _SECTIONS[name](**{f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)})
+             for name, obj in parts.items()}
+    return TrainConfig(**plain), gin.operative_config_str()

@@ -1,0 +1,310 @@
+"""`train_and_evaluate`: the training loop (jitted, donated train step; eval; Orbax checkpoints; logs).
+
+The model is split once into a graph definition and two pure states: params (float32 master weights,
+whatever the compute dtype) and the dropout / router-jitter RNG state. A `TrainState` holds params,
+optimizer state, step and RNG state as plain arrays, so `train_step(state, batch) -> (state, metrics)` is
+a pure function that `jax.jit` compiles once, with the state donated.
+
+Exact resume: every random choice lives in the state (RNG counters) or is a function of the step (the
+batch order: the loop skips the first `step` batches of the iterator, or calls `train_batches(step)`), so
+a run restarted from its last checkpoint reproduces the uninterrupted loss curve bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+from tqdm import tqdm
+
+from pregated_jax.config import SwitchConfig
+from pregated_jax.model import SwitchTransformer, router_loss
+from pregated_jax.train.checkpoints import (CHECKPOINT_SUBDIR, CheckpointStore, load_model, load_run_config,
+                                            model_from_params, step_dir)
+from pregated_jax.train.config import ModelConfig, OptimizerConfig, TrainConfig
+from pregated_jax.train.inputs import Batch, batches_from, default_batches, host_batch, eval_batches_view
+from pregated_jax.train.optim import make_optimizer
+
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array  # [] int32, number of completed steps
+    params: dict  # nested dict of float32 arrays (nnx.to_pure_dict of the model's nnx.Param state)
+    opt_state: Any
+    rngs: dict  # the model's RNG state; PRNG keys as raw uint32 key data (see RngCodec)
+
+    def to_dict(self) -> dict:
+        return {"step": self.step, "params": self.params, "opt_state": self.opt_state, "rngs": self.rngs}
+
+
+class RngCodec:
+    """Typed PRNG keys <-> raw uint32 key data, so that a TrainState holds only plain arrays."""
+
+    def __init__(self, template: dict):
+        leaves, self.treedef = jax.tree.flatten(template)
+        self.impls = tuple(jax.random.key_impl(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else None
+                           for x in leaves)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, RngCodec) and (self.treedef, self.impls) == (other.treedef, other.impls)
+
+    def __hash__(self) -> int:
+        return hash((self.treedef, self.impls))
+
+    def encode(self, rngs: dict) -> dict:
+        return jax.tree.map(lambda x: jax.random.key_data(x)
+                            if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x, rngs)
+
+    def decode(self, data: dict) -> dict:
+        leaves = self.treedef.flatten_up_to(data)
+        return self.treedef.unflatten([x if impl is None else jax.random.wrap_key_data(x, impl=impl)
+                                       for x, impl in zip(leaves, self.impls)])
+
+
+def loss_and_metrics(model: SwitchTransformer, batch: Batch, cfg: SwitchConfig) -> tuple[jax.Array, dict]:
+    """Token cross-entropy over real label tokens + the weighted router losses."""
+    logits, aux = model(batch["input_ids"], batch["decoder_input_ids"], batch["attention_mask"],
+                        batch["decoder_attention_mask"], return_aux=True)  # [B, T, V] float32
+    mask = batch["decoder_attention_mask"].astype(jnp.float32)  # [B, T]
+    labels = jnp.where(mask > 0, batch["labels"], 0)  # [B, T]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)  # [B, T]
+    tokens = jnp.sum(mask)
+    ce_sum = jnp.sum(ce * mask)
+    correct = jnp.sum((jnp.argmax(logits, axis=-1) == labels) * mask)
+    cross_entropy = ce_sum / jnp.maximum(tokens, 1.0)
+    rl = router_loss(cfg, aux)
+    loss = cross_entropy + rl
+    return loss, {"loss": loss, "cross_entropy": cross_entropy, "router_loss": rl, "ce_sum": ce_sum,
+                  "correct": correct, "tokens": tokens, "accuracy": correct / jnp.maximum(tokens, 1.0)}
+
+
+def make_train_step(graphdef, cfg: SwitchConfig, tx: optax.GradientTransformation, schedule, codec: RngCodec):
+    """-> jitted `train_step(state, batch) -> (state, metrics)`; `state` is donated."""
+
+    def train_step(state: TrainState, batch: Batch):
+        rngs = codec.decode(state.rngs)
+
+        def loss_fn(params):
+            model = nnx.merge(graphdef, params, rngs)
+            loss, metrics = loss_and_metrics(model, batch, cfg)
+            return loss, (metrics, nnx.to_pure_dict(nnx.state(model, nnx.RngState)))
+
+        (_, (metrics, new_rngs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics.update(grad_norm=optax.global_norm(grads), learning_rate=schedule(state.step))
+        return TrainState(state.step + 1, params, opt_state, codec.encode(new_rngs)), metrics
+
+    return jax.jit(train_step, donate_argnums=0)
+
+
+def make_eval_step(graphdef, cfg: SwitchConfig, codec: RngCodec):
+    """-> jitted `eval_step(params, rngs, batch) -> sums` (eval-mode model: no dropout, no jitter)."""
+
+    def eval_step(params, rngs, batch):
+        _, m = loss_and_metrics(nnx.merge(graphdef, params, codec.decode(rngs)), batch, cfg)
+        return {k: m[k] for k in ("ce_sum", "correct", "tokens", "router_loss")}
+
+    return jax.jit(eval_step)
+
+
+@functools.lru_cache(maxsize=4)
+def _steps(train_def, eval_def, cfg: SwitchConfig, opt: OptimizerConfig, num_steps: int, codec: RngCodec):
+    """(optimizer, jitted train step, jitted eval step), cached per graph, configs and RNG layout so that
+    repeated `train_and_evaluate` calls in one process (a restart, a sweep, tests) reuse compiled code."""
+    tx, schedule = make_optimizer(opt, num_steps)
+    return tx, make_train_step(train_def, cfg, tx, schedule, codec), make_eval_step(eval_def, cfg, codec)
+
+
+# --- model and data setup --------------------------------------------------------------------------
+
+def _model_overrides(config: TrainConfig) -> dict:
+    """Fields a loaded checkpoint's config is overridden with (a full SwitchConfig replaces them all)."""
+    if isinstance(config.model, ModelConfig):
+        return dict(config.model.overrides)
+    return dataclasses.asdict(config.model)
+
+
+def _load_init_checkpoint(path: str, seed: int) -> SwitchTransformer:
+    """One of our workdirs / step dirs (Orbax), else a local Hugging Face checkpoint directory."""
+    p = Path(path)
+    if (p / "params").is_dir() or (p / CHECKPOINT_SUBDIR).is_dir():
+        return load_model(p, seed)
+    from pregated_jax.hf_checkpoint import from_pretrained  # imported only when used
+    return from_pretrained(path, seed=seed)
+
+
+def build_model(config: TrainConfig, resume_from: Path | None = None) -> SwitchTransformer:
+    """The model training starts from.
+
+    Fresh: `config.model_config()` with seed `training.seed`. From `init.from_checkpoint`: that checkpoint,
+    converted to pre-gating if asked (`pregated_jax.convert.to_pregated`), then the model overrides
+    applied. When resuming such a run (`resume_from`, a step dir of this workdir), the weights come from
+    the workdir, so only its saved model config is read and the model is freshly initialized.
+    """
+    init, seed = config.init, config.training.seed
+    if init.from_checkpoint is None:
+        if init.convert_to_pregated:
+            raise ValueError("InitConfig.convert_to_pregated needs InitConfig.from_checkpoint")
+        return SwitchTransformer(config.model_config(), rngs=nnx.Rngs(seed))
+    if resume_from is not None:
+        saved = SwitchConfig(**load_run_config(resume_from)["model_config"])
+        return SwitchTransformer(saved.replace(**_model_overrides(config)), rngs=nnx.Rngs(seed))
+    model = _load_init_checkpoint(init.from_checkpoint, seed)
+    if init.convert_to_pregated:
+        from pregated_jax.convert import to_pregated  # the conversion lives with the model code
+        model = to_pregated(model, seed=seed)
+    target = model.config.replace(**_model_overrides(config))
+    if target != model.config:
+        model = model_from_params(target, nnx.to_pure_dict(nnx.state(model, nnx.Param)), seed)
+    return model
+
+
+class MetricsWriter:
+    """Appends `{"step", **metrics}` lines to <workdir>/metrics.jsonl; TensorBoard too if tensorboardX is
+    importable (it is optional: `pip install tensorboardX`)."""
+
+    def __init__(self, workdir: Path, tensorboard: bool):
+        self.file = open(workdir / "metrics.jsonl", "a")
+        self.tb = None
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+                self.tb = SummaryWriter(str(workdir / "tensorboard"))
+            except ImportError:
+                pass
+
+    def write(self, step: int, metrics: dict) -> None:
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.flush()
+        for k, v in metrics.items():
+            if self.tb is not None:
+                self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _host_window(pending: list[dict], last_step: int) -> dict:
+    """Fetches a window of per-step metrics, fails on the first non-finite loss, returns the means."""
+    window = jax.device_get(pending)
+    first = last_step - len(window) + 1
+    for i, m in enumerate(window):
+        if not math.isfinite(float(m["loss"])):
+            raise FloatingPointError(f"non-finite loss at step {first + i}: {float(m['loss'])}")
+    keys = ("loss", "cross_entropy", "router_loss", "accuracy", "grad_norm", "learning_rate")
+    return {f"train/{k}": float(np.mean([m[k] for m in window])) for k in keys}
+
+
+def evaluate(eval_step, state: TrainState, batches: Iterable[Batch], limit: int) -> dict:
+    """Token-averaged eval cross-entropy and accuracy, mean router loss, over up to `limit` batches."""
+    sums, n = None, 0
+    for i, batch in enumerate(itertools.islice(batches, limit)):
+        out = eval_step(state.params, state.rngs, host_batch(batch, i))
+        sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+        n += 1
+    if sums is None:
+        return {}
+    s = jax.device_get(sums)
+    tokens = max(float(s["tokens"]), 1.0)
+    ce, rl = float(s["ce_sum"]) / tokens, float(s["router_loss"]) / n
+    return {"eval/loss": ce + rl, "eval/cross_entropy": ce, "eval/router_loss": rl,
+            "eval/accuracy": float(s["correct"]) / tokens, "eval/tokens": float(s["tokens"])}
+
+
+# --- the loop ----------------------------------------------------------------------------------------
+
+def train_and_evaluate(config: TrainConfig, workdir: str | Path, train_batches=None, eval_batches=None, *,
+                       eval_fn: Callable[[SwitchTransformer, int], dict] | None = None,
+                       step_callback: Callable[[int, dict], None] | None = None) -> dict:
+    """Trains `config.training.num_steps` steps into `workdir`, resuming from its last checkpoint.
+
+    train_batches: an iterable of batches (the first `step` are skipped on resume), a callable
+        `step -> batch`, or None: `pregated_jax.data` by `config.data.task`.
+    eval_batches: a sequence, an iterable (its first `eval_steps` batches are kept), a callable returning
+        a fresh iterable, or None (the task's eval split when train_batches is None too; else no eval).
+    eval_fn: a hook `(eval-mode model, step) -> metrics` run at each evaluation (e.g. generation
+        metrics); the model shares the train state's buffers, so don't keep it.
+    step_callback: `(step, train metrics of that step) -> None` after each step (forces a host sync).
+    Returns the final metrics: {"step", "train/...", "eval/..."}.
+    """
+    workdir, t = Path(workdir), config.training
+    workdir.mkdir(parents=True, exist_ok=True)
+    store = CheckpointStore(workdir / CHECKPOINT_SUBDIR, t.keep_checkpoints)
+    latest = store.latest_step()
+    model = build_model(config, None if latest is None else step_dir(workdir / CHECKPOINT_SUBDIR / str(latest)))
+    cfg = model.config
+    model.train()
+    train_def, params, rngs = nnx.split(model, nnx.Param, nnx.RngState)
+    model.eval()
+    eval_def, _, _ = nnx.split(model, nnx.Param, nnx.RngState)
+    del model  # its buffers now belong to the train state (donated every step)
+    params = jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                          nnx.to_pure_dict(params))  # float32 master weights
+    rngs = nnx.to_pure_dict(rngs)
+    codec = RngCodec(rngs)
+    tx, train_step, eval_step = _steps(train_def, eval_def, cfg, config.optimizer, t.num_steps, codec)
+    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), codec.encode(rngs))
+    if latest is not None:
+        state = TrainState(**store.restore(latest, state.to_dict()))
+    start = int(state.step)
+    run_config = {"model_config": dataclasses.asdict(cfg), "train_config": config.to_dict()}
+    (workdir / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
+
+    if train_batches is None:
+        train_batches, default_eval = default_batches(config)
+        eval_batches = default_eval if eval_batches is None else eval_batches
+    batches = batches_from(train_batches, start)
+    eval_source = eval_batches_view(eval_batches, t.eval_steps)
+    writer = MetricsWriter(workdir, t.tensorboard)
+    bar = tqdm(total=t.num_steps, initial=start, desc="train", disable=None, dynamic_ncols=True)
+    pending: list[dict] = []
+    final: dict = {"step": start}
+
+    def run_eval(step: int) -> dict:
+        metrics = evaluate(eval_step, state, eval_source(), t.eval_steps) if eval_source else {}
+        if eval_fn is not None:
+            metrics.update(eval_fn(nnx.merge(eval_def, state.params, codec.decode(state.rngs)), step))
+        if metrics:
+            writer.write(step, metrics)
+        return metrics
+
+    try:
+        for step in range(start, t.num_steps):
+            state, metrics = train_step(state, host_batch(next(batches, None), step))
+            pending.append(metrics)
+            done = step + 1
+            bar.update(1)
+            save_now = done % t.checkpoint_every == 0 or done == t.num_steps
+            if done % t.log_every == 0 or save_now or step_callback is not None:
+                final.update(_host_window(pending, done), step=done)  # raises on a non-finite loss
+                pending = []
+                writer.write(done, {k: v for k, v in final.items() if k.startswith("train/")})
+                bar.set_postfix(loss=f"{final['train/loss']:.4f}")
+            if save_now:
+                store.save(done, state.to_dict(), run_config)
+            if done % t.eval_every == 0 or done == t.num_steps:
+                final.update(run_eval(done))
+            if step_callback is not None:
+                step_callback(done, dict(final))
+        if start >= t.num_steps:  # nothing left to train: report the final evaluation
+            final.update(run_eval(start))
+    finally:
+        bar.close()
+        store.wait()  # let an in-flight async save finish (a hard kill leaves only Orbax's tmp dir)
+        store.close()
+        writer.close()
+    return final
