@@ -131,3 +131,16 @@ def naive_beam_search(model, ids, mask, beams, steps):
         length = lambda t: (t.index(cfg.eos_token_id) + 1) if cfg.eos_token_id in t else len(t)  # noqa: E731
         out.append(max(hyps, key=lambda h: h[1] / length(h[0]))[0])
     return np.array(out)
+
+
+@pytest.mark.parametrize("cache", [None, "lfu"])
+def test_fused_step_equals_block_by_block_dispatch(model, cache):
+    """The single-jit decode step and the per-block reference path agree on tokens and on every copy."""
+    mode = "speculative" if model.config.routing == "conventional" else "pregated"
+    kw = dict(cache_policy=cache, cache_experts=6) if cache else {}
+    fused = run(InferenceEngine(model, mode=mode, **kw), max_new_tokens=5, num_beams=2)
+    eager = run(InferenceEngine(model, mode=mode, **kw), max_new_tokens=5, num_beams=2, fused=False)
+    np.testing.assert_array_equal(fused.tokens, eager.tokens)
+    for field in ("experts_copied", "prefill_experts_copied", "cache_hits", "cache_misses",
+                  "speculative_hits", "speculative_needed"):
+        assert getattr(fused.stats, field) == getattr(eager.stats, field), field

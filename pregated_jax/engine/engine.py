@@ -17,7 +17,7 @@ contiguous ranges instead of single experts, streamed through a bounded buffer w
 from __future__ import annotations
 
 import dataclasses
-import time
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -89,15 +89,16 @@ class InferenceEngine:
             else self.program.decoder.blocks[self.program.decoder.moe_blocks[0]]
         self.num_experts, self.expert_bytes = some.num_experts, some.expert_bytes
         self.num_moe_blocks = len(self.program.encoder.moe_blocks) + len(self.program.decoder.moe_blocks)
-        self.resident = {}
-        if config.mode == "gpu-only":
+        self.cache_slots = self._cache_slots()
+        self.chunk = self._prefill_chunk()
+        self.caches: dict = {}  # (stack, block) -> CacheState, kept across decode steps and requests
+        if self.cache_slots is not None:
             for sp in (self.program.encoder, self.program.decoder):
                 for i in sp.moe_blocks:
                     b = sp.blocks[i]
-                    self.resident[(sp.kind, i)] = F.ExpertSlots(b.host_wi, b.host_wo, None)
-        self.cache_slots = self._cache_slots()
-        self.chunk = self._prefill_chunk()
-        self.caches: dict = {}
+                    self.caches[(sp.kind, i)] = F.empty_cache(self.cache_slots, b.host_wi, b.host_wo,
+                                                              self.mem.on_device)
+        self._decode_step = jax.jit(self._step, static_argnums=(7,), donate_argnums=(1, 2, 5))
 
     # --- sizing -------------------------------------------------------------------------------------
     def _cache_slots(self) -> int | None:
@@ -124,7 +125,7 @@ class InferenceEngine:
         return e
 
     # --- one stack ----------------------------------------------------------------------------------
-    def _run_stack(self, sp: StackProgram, x, bias, stats: RunStats, *, cross=None, cross_bias=None,
+    def _run_stack(self, sp: StackProgram, x, bias, ctx: "RunContext", *, cross=None, cross_bias=None,
                    caches=None, cache_index=None):
         """Runs every block of a stack; returns (final-normed hidden, new self-attention caches)."""
         mode, cfg = self.config.mode, self.model_config
@@ -137,7 +138,7 @@ class InferenceEngine:
         new_caches = []
         decision = None
         if mode == "prefetch-all" and moe:
-            prefetched[moe[0]] = self._copy_all(sp, moe[0], stats)
+            prefetched[moe[0]] = self._copy_all(sp, moe[0], ctx)
         for i, bp in enumerate(sp.blocks):
             cache = None if caches is None else caches[i]
             if not bp.is_sparse:
@@ -148,111 +149,130 @@ class InferenceEngine:
                 continue
             j = moe.index(i)
             nxt = moe[j + 1] if j + 1 < len(moe) else None
-            if stats.profile_blocks:
+            if ctx.profile_blocks:
                 started = Stopwatch(wait=x)
             if mode == "prefetch-all" and nxt is not None:  # issued before this block's computation
-                prefetched[nxt] = self._copy_all(sp, nxt, stats)
+                prefetched[nxt] = self._copy_all(sp, nxt, ctx)
             x, h, decision, next_decision, cache = bp.attend_and_route(
                 x, bias, decision, None if cross is None else cross[i], cross_bias, cache, cache_index)
             new_caches.append(cache)
             # Issue the next block's copies before this block's expert computation.
             if nxt is not None and mode == "pregated":
-                pending = self._prefetch(sp, nxt, next_decision, k, dense, stats)
+                pending = self._prefetch(sp, nxt, next_decision, k, dense, ctx)
             elif nxt is not None and mode == "speculative":
                 guess = predict_decision(sp.blocks[nxt].router_classifier, h, capacity)
-                pending = self._prefetch(sp, nxt, guess, k, dense, stats)
+                pending = self._prefetch(sp, nxt, guess, k, dense, ctx)
             else:
                 pending = None
-            x = self._experts(sp, i, x, h, decision, prefetched.pop(i, None), k, dense, stats)
+            x = self._experts(sp, i, x, h, decision, prefetched.pop(i, None), k, dense, ctx)
             if pending is not None:
                 prefetched[nxt] = pending
             decision = next_decision
-            if stats.track_memory:
-                stats.sample_memory(self.mem.device)
-            if stats.profile_blocks:
-                stats.moe_block_s.append(started.lap(x))
+            if ctx.track_memory:
+                ctx.sample_memory(self.mem.device)
+            if ctx.profile_blocks:
+                ctx.moe_block_s.append(started.lap(x))
         return sp.final_norm(x), (None if caches is None else new_caches)
 
-    def _copy_all(self, sp, i, stats):
+    def _copy_all(self, sp, i, ctx):
         b = sp.blocks[i]
-        stats.add_copied(self.num_experts)
+        ctx.add_copied(self.num_experts)
         return F.fetch_all(b.host_wi, b.host_wo, self.mem.on_device)
 
-    def _prefetch(self, sp, i, decision, k, dense, stats):
+    def _prefetch(self, sp, i, decision, k, dense, ctx):
         """Starts copying block i's experts for a predicted/pre-gated decision (returns the handle)."""
         b = sp.blocks[i]
         if dense:
             if self.chunk < self.num_experts:
                 return None  # bounded buffers: stream after the gate instead
-            return self._copy_all(sp, i, stats)
+            return self._copy_all(sp, i, ctx)
         if self.cache_slots is not None:
-            self._cache_lookup(sp, i, F.needed_experts_jit(decision, k))
+            self._cache_lookup(ctx, sp, i, F.needed_experts_jit(decision, k))
             return ("cache", decision)
         slots, copied = F.fetch_decision(b.host_wi, b.host_wo, decision, k, self.mem.on_device)
-        stats.add_copied(copied)
+        ctx.add_copied(copied)
         return ("slots", slots, decision)
 
-    def _experts(self, sp, i, x, h, decision, prefetched, k, dense, stats):
+    def _experts(self, sp, i, x, h, decision, prefetched, k, dense, ctx):
         """The MoE sublayer of block i with whatever expert source the mode provides."""
         b, mode = sp.blocks[i], self.config.mode
-        if mode == "gpu-only":
-            return b.ffn_output(x, h, decision, self.resident[(sp.kind, i)])
+        if mode == "gpu-only":  # the "host" stacks are on the device in this mode
+            return b.ffn_output(x, h, decision, F.ExpertSlots(b.host_wi, b.host_wo, None))
         if mode == "prefetch-all" or (dense and isinstance(prefetched, F.ExpertSlots)):
             return b.ffn_output(x, h, decision, prefetched)
         if dense:  # on-demand, first MoE block, or a bounded buffer: stream contiguous chunks after the gate
-            return self._stream(b, x, h, decision, stats)
+            return self._stream(b, x, h, decision, ctx)
         needed = F.needed_experts_jit(decision, k)
         if self.cache_slots is not None:
             if mode == "speculative" and prefetched is not None:
-                stats.add_speculation(F.overlap(needed, F.needed_experts_jit(prefetched[1], k)))
+                ctx.add_speculation(F.overlap(needed, F.needed_experts_jit(prefetched[1], k)))
             if mode == "pregated" and prefetched is not None:  # the pre-gate's lookup already ran
-                return b.ffn_output(x, h, decision, self.caches[(sp.kind, i)].slots)
-            state = self._cache_lookup(sp, i, needed)  # hits for everything prefetched
+                return b.ffn_output(x, h, decision, ctx.caches[(sp.kind, i)].slots)
+            state = self._cache_lookup(ctx, sp, i, needed)  # hits for everything prefetched
             return b.ffn_output(x, h, decision, state.slots)
         if prefetched is None:  # on-demand, or the first MoE block of a stack
             slots, copied = F.fetch_decision(b.host_wi, b.host_wo, decision, k, self.mem.on_device)
-            stats.add_copied(copied)
+            ctx.add_copied(copied)
             return b.ffn_output(x, h, decision, slots)
         _, slots, guess = prefetched
         if mode == "speculative":  # fetch what the guess missed
-            stats.add_speculation(F.overlap(needed, slots.expert_ids))
+            ctx.add_speculation(F.overlap(needed, slots.expert_ids))
             extra, copied = F.fetch_decision(b.host_wi, b.host_wo, decision, k, self.mem.on_device,
                                              slots.expert_ids)
-            stats.add_copied(copied)
+            ctx.add_copied(copied)
             slots = F.merge_slots(slots, extra)
         return b.ffn_output(x, h, decision, slots)
 
-    def _stream(self, b, x, h, decision, stats):
+    def _stream(self, b, x, h, decision, ctx):
         """Dense call under a bounded buffer: contiguous chunks, the next copy issued before compute."""
         starts = list(range(0, self.num_experts, self.chunk))
         size = lambda s: min(self.chunk, self.num_experts - s)  # noqa: E731
         current = F.fetch_range(b.host_wi, b.host_wo, starts[0], size(starts[0]), self.mem.on_device)
         for n, s in enumerate(starts):
-            stats.add_copied(size(s))
+            ctx.add_copied(size(s))
             upcoming = (F.fetch_range(b.host_wi, b.host_wo, starts[n + 1], size(starts[n + 1]),
                                       self.mem.on_device) if n + 1 < len(starts) else None)
             x = b.ffn_output(x, h, decision, current)  # residual chaining sums the chunks' outputs
             current = upcoming
         return x
 
-    def _cache_lookup(self, sp, i, needed):
-        key = (sp.kind, i)
-        b = sp.blocks[i]
-        if key not in self.caches:
-            self.caches[key] = F.empty_cache(self.cache_slots, b.host_wi, b.host_wo, self.mem.on_device)
-        self.caches[key] = F.cache_lookup(self.caches[key], b.host_wi, b.host_wo, needed,
-                                          self.config.cache_policy, self.mem.on_device)
-        return self.caches[key]
+    def _cache_lookup(self, ctx, sp, i, needed):
+        key, b = (sp.kind, i), sp.blocks[i]
+        ctx.caches[key] = F.cache_lookup(ctx.caches[key], b.host_wi, b.host_wo, needed,
+                                         self.config.cache_policy, self.mem.on_device)
+        return ctx.caches[key]
 
     # --- generation ---------------------------------------------------------------------------------
+    def _step(self, program, search, kv, cross, cross_bias, caches, key_positions, num_beams):
+        """One decode step for every row, traced into a single jitted function.
+
+        XLA then schedules the host->device expert copies of the whole step itself, overlapping each
+        with the computation that does not depend on it. -> (search, kv, caches, copied, speculation).
+        """
+        cfg, dec = self.model_config, program.decoder
+        ctx = RunContext(caches)
+        bias = dec.self_bias(search.step[None], key_positions, None)
+        x = program.embed(search.last[:, None])
+        x, kv = self._run_stack(dec, x, bias, ctx, cross=cross, cross_bias=cross_bias, caches=kv,
+                                cache_index=search.step)
+        logits = program.logits(x)[:, -1]  # [rows, V]
+        if num_beams == 1:
+            search = greedy_step(search, logits, cfg.pad_token_id, cfg.eos_token_id)
+        else:
+            search, origin = beam_step(search, logits, cfg.pad_token_id, cfg.eos_token_id)
+            kv = reorder(kv, origin)
+        copied, speculation = ctx.totals()
+        return search, kv, ctx.caches, copied, speculation
+
     def generate(self, input_ids, attention_mask=None, *, max_new_tokens: int = 32, num_beams: int = 1,
                  length_penalty: float = 1.0, progress=None, track_memory: bool = False,
-                 profile_blocks: bool = False) -> GenerationResult:
+                 profile_blocks: bool = False, fused: bool = True) -> GenerationResult:
         """Greedy (num_beams=1) or beam search. input_ids [B, S] -> GenerationResult(tokens [B, T]).
 
-        progress(step, total) is called after every decode step. For measurements only: `track_memory`
-        samples device bytes-in-use after every block dispatch; `profile_blocks` synchronizes around every
-        MoE block to time it (which removes the overlap it measures).
+        Each decode step is one jitted call (`fused`); `fused=False` dispatches every block separately
+        (the reference path, and what `profile_blocks` uses). progress(step, total) is called after every
+        step. For measurements only: `track_memory` samples device bytes-in-use after every dispatch;
+        `profile_blocks` synchronizes around every MoE block to time it (removing the overlap it measures).
         """
         cfg, put = self.model_config, lambda a: jax.device_put(np.asarray(a, np.int32), self.mem.on_device)
         input_ids = np.asarray(input_ids)
@@ -267,47 +287,102 @@ class InferenceEngine:
         if self.cache_slots is not None and self.cache_slots < min(rows, self.num_experts):
             raise ValueError(f"cache_experts={self.cache_slots} per block is less than the {rows} tokens a "
                              f"decode step may route (batch x beams); raise it or the budget")
+        fused = fused and not profile_blocks
         stats = RunStats.start(self, batch, num_beams, input_ids.shape[1], max_new_tokens)
-        stats.track_memory, stats.profile_blocks = track_memory, profile_blocks
         watch = Stopwatch()
         ids, mask = put(input_ids), put(mask)
+        program = self.program
 
-        # Prefill: the encoder over the whole input, then the decoder's cross-attention keys/values.
-        enc = self.program.encoder
+        # Prefill: the encoder over the whole input, block by block, then cross-attention keys/values.
+        ctx = RunContext(self.caches, stats, track_memory, profile_blocks)
+        enc = program.encoder
         positions = jax.device_put(np.arange(input_ids.shape[1], dtype=np.int32), self.mem.on_device)
-        bias = enc.self_bias(positions, positions, mask)
-        hidden, _ = self._run_stack(enc, self.program.embed(ids), bias, stats)
+        hidden, _ = self._run_stack(enc, program.embed(ids), enc.self_bias(positions, positions, mask), ctx)
         if num_beams > 1:
             hidden, mask = reorder((hidden, mask), put(np.repeat(np.arange(batch), num_beams)))
-        dec = self.program.decoder
+        dec = program.decoder
         cross = [cross_kv(b.graphdef, b.state, b.placeholder, hidden) for b in dec.blocks]
         cross_bias = _padding_bias(mask)
-        caches = _init_caches(rows, cfg, max_new_tokens, self.mem.on_device)
+        kv = _init_caches(rows, cfg, max_new_tokens, self.mem.on_device)
         key_positions = jax.device_put(np.arange(max_new_tokens, dtype=np.int32), self.mem.on_device)
-        state = init_search(batch, num_beams, max_new_tokens, cfg.decoder_start_token_id)
+        search = init_search(batch, num_beams, max_new_tokens, cfg.decoder_start_token_id)
+        self.caches = ctx.flush_into(stats)
         stats.prefill_s = watch.lap(hidden)
         stats.mark_prefill_done(self)
 
         for t in range(max_new_tokens):
-            bias = dec.self_bias(state.step[None], key_positions, None)
-            x = self.program.embed(state.last[:, None])
-            x, caches = self._run_stack(dec, x, bias, stats, cross=cross, cross_bias=cross_bias,
-                                        caches=caches, cache_index=state.step)
-            logits = self.program.logits(x)[:, -1]  # [rows, V]
-            if num_beams == 1:
-                state = greedy_step(state, logits, cfg.pad_token_id, cfg.eos_token_id)
+            if fused:
+                search, kv, self.caches, copied, speculation = self._decode_step(
+                    program, search, kv, cross, cross_bias, self.caches, key_positions, num_beams)
+                stats.add_copied(copied)
+                if self.config.mode == "speculative":
+                    stats.add_speculation(speculation)
+                if track_memory:
+                    stats.sample_memory(self.mem.device)
             else:
-                state, origin = beam_step(state, logits, cfg.pad_token_id, cfg.eos_token_id)
-                caches = reorder(caches, origin)
+                ctx = RunContext(self.caches, stats, track_memory, profile_blocks)
+                search, kv = self._eager_step(program, search, kv, cross, cross_bias, ctx, key_positions,
+                                              num_beams)
+                self.caches = ctx.flush_into(stats)
             stats.steps = t + 1
             if progress is not None:
                 progress(t + 1, max_new_tokens)
-            if (t + 1) % self.config.check_every == 0 and bool(jax.device_get(all_finished(state))):
+            if (t + 1) % self.config.check_every == 0 and bool(jax.device_get(all_finished(search))):
                 break
-        tokens = np.asarray(jax.device_get(best_sequences(state, length_penalty)))
+        tokens = np.asarray(jax.device_get(best_sequences(search, length_penalty)))
         stats.decode_s = watch.lap()
         stats.finish(self)
         return GenerationResult(tokens, stats)
+
+    def _eager_step(self, program, search, kv, cross, cross_bias, ctx, key_positions, num_beams):
+        """The same step as `_step`, one dispatch per block (the reference for the fused step)."""
+        cfg, dec = self.model_config, program.decoder
+        bias = dec.self_bias(search.step[None], key_positions, None)
+        x = program.embed(search.last[:, None])
+        x, kv = self._run_stack(dec, x, bias, ctx, cross=cross, cross_bias=cross_bias, caches=kv,
+                                cache_index=search.step)
+        logits = program.logits(x)[:, -1]
+        if num_beams == 1:
+            return greedy_step(search, logits, cfg.pad_token_id, cfg.eos_token_id), kv
+        search, origin = beam_step(search, logits, cfg.pad_token_id, cfg.eos_token_id)
+        return search, reorder(kv, origin)
+
+
+class RunContext:
+    """Bookkeeping of one pass through the blocks: copies, speculation hits, cache states.
+
+    In an eager pass it holds device arrays and hands them to the run's statistics; inside the traced
+    decode step it holds tracers, which `totals()` turns into the step's outputs.
+    """
+
+    def __init__(self, caches: dict, stats: RunStats | None = None, track_memory: bool = False,
+                 profile_blocks: bool = False):
+        self.caches = dict(caches)
+        self.copied, self.speculation = [], []
+        self.stats, self.track_memory, self.profile_blocks = stats, track_memory, profile_blocks
+        self.moe_block_s = stats.moe_block_s if stats is not None else []
+
+    def add_copied(self, n):
+        self.copied.append(n)
+
+    def add_speculation(self, pair):
+        self.speculation.append(pair)
+
+    def sample_memory(self, device):
+        self.stats.sample_memory(device)
+
+    def totals(self):
+        """(experts copied, [speculative hits, needed]) as traced int32 values."""
+        copied = sum(jnp.asarray(n, jnp.int32) for n in self.copied) if self.copied else jnp.int32(0)
+        spec = sum(self.speculation) if self.speculation else jnp.zeros((2,), jnp.int32)
+        return copied, spec
+
+    def flush_into(self, stats: RunStats) -> dict:
+        for n in self.copied:
+            stats.add_copied(n)
+        for pair in self.speculation:
+            stats.add_speculation(pair)
+        return self.caches
 
 
 @jax.jit
@@ -316,5 +391,12 @@ def _padding_bias(mask):
 
 
 def _init_caches(rows, cfg, max_len, device):
-    zeros = jax.device_put(np.zeros((rows, cfg.num_heads, max_len, cfg.d_kv), jnp.dtype(cfg.dtype)), device)
-    return [KVCache(zeros, zeros) for _ in range(cfg.num_decoder_layers)]  # updated functionally, never in place
+    """Zeroed self-attention caches, one distinct buffer per layer (the decode step donates them)."""
+    kv = _zero_caches(rows, cfg.num_heads, max_len, cfg.d_kv, cfg.dtype, cfg.num_decoder_layers)
+    return jax.device_put(kv, device)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
+def _zero_caches(rows, heads, max_len, d_kv, dtype, layers):
+    shape = (rows, heads, max_len, d_kv)
+    return [KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(layers)]

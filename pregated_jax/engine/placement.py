@@ -12,7 +12,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 from jax.sharding import SingleDeviceSharding
 
 from pregated_jax.model import Block, SwitchTransformer
@@ -43,14 +43,17 @@ def _is_expert_weight(path, _value) -> bool:
     return len(path) >= 2 and path[-2] == "experts" and path[-1] in ("wi", "wo")
 
 
-@dataclasses.dataclass
+@struct.dataclass
 class BlockProgram:
-    """One block, split for the engine: graphdef, device state, and (MoE blocks) host expert stacks."""
+    """One block, split for the engine: graphdef, device state, and (MoE blocks) host expert stacks.
 
-    graphdef: nnx.GraphDef
+    A pytree (graphdef and flags static), so a whole program can be an argument of one jitted step.
+    """
+
+    graphdef: nnx.GraphDef = struct.field(pytree_node=False)
     state: nnx.State  # non-expert weights and RNG state, on the device
     placeholder: nnx.State  # tiny stand-ins for the expert weights (they travel separately)
-    is_sparse: bool
+    is_sparse: bool = struct.field(pytree_node=False)
     host_wi: Array | None = None  # [E, d, ff] in host memory
     host_wo: Array | None = None  # [E, ff, d]
     router_classifier: Array | None = None  # [d, E] own gate, on the device (speculative prediction)
@@ -60,13 +63,12 @@ class BlockProgram:
         graphdef, experts, rest = nnx.split(block, _is_expert_weight, ...)
         rest = jax.device_put(rest, mem.on_device)
         placeholder = jax.tree.map(lambda _: jnp.zeros((0,), dtype), experts)
-        prog = cls(graphdef, rest, placeholder, block.is_sparse)
-        if block.is_sparse:
-            prog.host_wi = jax.device_put(block.experts.wi[...].astype(dtype), mem.on_host)
-            prog.host_wo = jax.device_put(block.experts.wo[...].astype(dtype), mem.on_host)
-            if block.router is not None:
-                prog.router_classifier = jax.device_put(block.router.classifier[...], mem.on_device)
-        return prog
+        if not block.is_sparse:
+            return cls(graphdef, rest, placeholder, False)
+        put = lambda a, where: jax.device_put(a, where)  # noqa: E731
+        router = None if block.router is None else put(block.router.classifier[...], mem.on_device)
+        return cls(graphdef, rest, placeholder, True, put(block.experts.wi[...].astype(dtype), mem.on_host),
+                   put(block.experts.wo[...].astype(dtype), mem.on_host), router)
 
     @property
     def num_experts(self) -> int:
@@ -105,16 +107,16 @@ def predict_decision(classifier: Array, h: Array, capacity: int | None):
     return decide(h.astype(jnp.float32) @ classifier, capacity)
 
 
-@dataclasses.dataclass
+@struct.dataclass
 class StackProgram:
     """A stack's position bias, final norm and block programs."""
 
-    bias_graphdef: nnx.GraphDef
+    bias_graphdef: nnx.GraphDef = struct.field(pytree_node=False)
     bias_state: nnx.State
-    norm_graphdef: nnx.GraphDef
+    norm_graphdef: nnx.GraphDef = struct.field(pytree_node=False)
     norm_state: nnx.State
     blocks: list[BlockProgram]
-    kind: str
+    kind: str = struct.field(pytree_node=False)
 
     @classmethod
     def from_stack(cls, stack, mem: Memories, dtype) -> "StackProgram":
@@ -152,16 +154,16 @@ def _final_norm(graphdef, state, x):
     return nnx.merge(graphdef, state)(x)
 
 
-@dataclasses.dataclass
+@struct.dataclass
 class ModelProgram:
     """The whole model split for offloaded inference."""
 
-    config: object
+    config: object = struct.field(pytree_node=False)
     shared: Array  # [V, d] embedding (tied LM head), on the device
     lm_head: Array | None  # [d, V] when untied
     encoder: StackProgram
     decoder: StackProgram
-    mem: Memories
+    mem: Memories = struct.field(pytree_node=False)
 
     @classmethod
     def from_model(cls, model: SwitchTransformer, mem: Memories | None = None) -> "ModelProgram":

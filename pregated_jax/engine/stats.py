@@ -83,7 +83,8 @@ class RunStats:
         self.prefill_experts_copied += self._cache_at_prefill[1] - self._cache_baseline[1]
         if self._speculation:
             pairs = np.asarray(jax.device_get(self._speculation)).sum(0)
-            self.speculative_hits, self.speculative_needed = int(pairs[0]), int(pairs[1])
+            if pairs[1] > 0:  # dense calls copy whole blocks and predict nothing
+                self.speculative_hits, self.speculative_needed = int(pairs[0]), int(pairs[1])
         if engine.caches:
             hits, misses = _cache_counters(engine)
             self.cache_hits = hits - self._cache_baseline[0]
