@@ -98,7 +98,8 @@ def engine_worker(args):
                                    profile_blocks=True).stats.as_dict()
             best.update(preset=args.preset, impl="pregated-jax", sampled_peak_bytes=mem_stats.sampled_peak_bytes,
                         moe_block_ms=prof["moe_block_ms"], compile_s=compile_s, build_s=build_s,
-                        cache=args.cache, device=str(jax.devices()[0].device_kind))
+                        cache=args.cache, device=str(jax.devices()[0].device_kind),
+                        device_budget_gib=args.device_budget_gib if args.mode == "pregated" else None)
             print("ROW " + json.dumps(best), flush=True)
 
 
@@ -176,8 +177,8 @@ def add_ratios(rows: list[dict]) -> None:
             roof = max(g["decode_s"], r["decode_bytes_moved"] / (LINK_GBPS * 1e9))
             r["roofline_decode_s"] = roof
             r["decode_over_roofline"] = r["decode_s"] / roof
-            if g.get("sampled_peak_bytes") and r.get("sampled_peak_bytes"):
-                r["peak_vs_gpu_only"] = r["sampled_peak_bytes"] / g["sampled_peak_bytes"]
+            if g.get("peak_device_bytes") and r.get("peak_device_bytes"):
+                r["peak_vs_gpu_only"] = r["peak_device_bytes"] / g["peak_device_bytes"]
         p = peer.get(key(r))
         if p and p.get("tokens_per_s"):
             r["speedup_vs_hf_on_demand"] = r["end_to_end_tokens_per_s"] / p["tokens_per_s"]
@@ -199,9 +200,10 @@ def write_report(out: Path, doc: dict) -> None:
             lines.append(f"| {r['preset']} | {r['impl']} | {r['mode']} | | | error: {r['error']} | | | | | | | | | |")
             continue
         ours = r["impl"] == "pregated-jax"
-        peak = r.get("sampled_peak_bytes") if ours else r.get("peak_gpu_bytes")
+        peak = r.get("peak_device_bytes") if ours else r.get("peak_gpu_bytes")
+        mode = r["mode"] + (f" ({r['device_budget_gib']} GiB budget)" if r.get("device_budget_gib") else "")
         lines.append(
-            f"| {r['preset']} | {r['impl']} | {r['mode']} | {r['batch']} | {r['num_beams']} "
+            f"| {r['preset']} | {r['impl']} | {mode} | {r['batch']} | {r['num_beams']} "
             f"| {f(1e3 * r['prefill_s'] if r.get('prefill_s') is not None else None, '.1f')} "
             f"| {f(r.get('decode_tokens_per_s'), '.1f')} "
             f"| {f(r.get('end_to_end_tokens_per_s') or r.get('tokens_per_s'), '.1f')} "
@@ -258,11 +260,10 @@ def main(argv=None):
                new_tokens=args.new_tokens, started=time.strftime("%Y-%m-%d %H:%M:%S"), rows=[])
     have_peer = _peer_available()
     for preset in args.presets:
-        for mode in args.modes:
-            doc["rows"] += spawn(args, "engine", preset, mode)
-        for mode in (args.peer_modes or []) if have_peer else []:
-            doc["rows"] += spawn(args, "peer", preset, mode)
-        write_report(out, doc)  # after every preset: a partial sweep still leaves results
+        jobs = [("engine", m) for m in args.modes] + [("peer", m) for m in (args.peer_modes or []) if have_peer]
+        for worker, mode in jobs:
+            doc["rows"] += spawn(args, worker, preset, mode)
+            write_report(out, doc)  # after every worker: a partial sweep still leaves results
     print((out / "results.md").read_text())
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pregated_jax.config import SwitchConfig
 from pregated_jax.engine.placement import Memories
@@ -34,11 +35,16 @@ def random_model(config: SwitchConfig, seed: int = 0, experts_on_host: bool = Tr
         std = _std(path, shape)
         is_router = path[-1] == "classifier"
         leaf_dtype = jnp.float32 if is_router else dtype
+        leaf_key = jax.random.fold_in(key, n)
+        draw = lambda k, shp: (jax.random.normal(k, shp, leaf_dtype) * std).astype(leaf_dtype)  # noqa: E731
         if std is None:
             value = jnp.ones(shape, leaf_dtype)
+        elif experts_on_host and len(path) >= 2 and path[-2] == "experts":
+            # a few experts at a time through numpy, so the device peak stays small
+            parts = [np.asarray(jax.device_get(draw(jax.random.fold_in(leaf_key, i), (min(8, shape[0] - i),) + shape[1:])))
+                     for i in range(0, shape[0], 8)]
+            value = jax.device_put(np.concatenate(parts), mem.on_host)
         else:
-            value = (jax.random.normal(jax.random.fold_in(key, n), shape, leaf_dtype) * std).astype(leaf_dtype)
-        if experts_on_host and len(path) >= 2 and path[-2] == "experts":
-            value = jax.device_put(value, mem.on_host)
+            value = draw(leaf_key, shape)
         params[path] = value
     return materialize(abstract_model(config), params, seed)

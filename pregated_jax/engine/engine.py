@@ -156,7 +156,9 @@ class InferenceEngine:
             x, h, decision, next_decision, cache = bp.attend_and_route(
                 x, bias, decision, None if cross is None else cross[i], cross_bias, cache, cache_index)
             new_caches.append(cache)
-            # Issue the next block's copies before this block's expert computation.
+            # Issue the next block's copies before this block's expert computation, once the blocks
+            # before this one are done (their expert buffers freed): at most two blocks in flight.
+            _backpressure(x)
             if nxt is not None and mode == "pregated":
                 pending = self._prefetch(sp, nxt, next_decision, k, dense, ctx)
             elif nxt is not None and mode == "speculative":
@@ -230,6 +232,7 @@ class InferenceEngine:
         current = F.fetch_range(b.host_wi, b.host_wo, starts[0], size(starts[0]), self.mem.on_device)
         for n, s in enumerate(starts):
             ctx.add_copied(size(s))
+            _backpressure(x)  # chunk n-1 consumed: its buffer is free before chunk n+1 is allocated
             upcoming = (F.fetch_range(b.host_wi, b.host_wo, starts[n + 1], size(starts[n + 1]),
                                       self.mem.on_device) if n + 1 < len(starts) else None)
             x = b.ffn_output(x, h, decision, current)  # residual chaining sums the chunks' outputs
@@ -383,6 +386,13 @@ class RunContext:
         for pair in self.speculation:
             stats.add_speculation(pair)
         return self.caches
+
+
+def _backpressure(x):
+    """Waits for x outside a trace (async dispatch would otherwise allocate every copy up front);
+    inside the fused decode step XLA schedules copies and frees buffers itself."""
+    if not isinstance(x, jax.core.Tracer):
+        jax.block_until_ready(x)
 
 
 @jax.jit
