@@ -12,12 +12,14 @@ from pregated_jax.convert import to_pregated
 from pregated_jax.engine import MODES, EngineConfig, InferenceEngine
 from pregated_jax.generation import generate
 from pregated_jax.hf_checkpoint import CheckpointError, from_pretrained, save_pretrained
+from pregated_jax.loading import load_model
 from pregated_jax.model import ModelAux, SwitchTransformer, router_loss
 from pregated_jax.routing import RouterDecision
+from pregated_jax.train.checkpoints import load_params
 
 __all__ = [
     "PRESETS", "SwitchConfig", "get_preset", "SwitchTransformer", "ModelAux", "RouterDecision", "router_loss",
     "to_pregated", "generate", "from_pretrained", "save_pretrained", "CheckpointError", "InferenceEngine",
-    "EngineConfig", "MODES",
+    "EngineConfig", "MODES", "load_model", "load_params",
 ]
 __version__ = "0.1.0"

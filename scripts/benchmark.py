@@ -172,6 +172,8 @@ def add_ratios(rows: list[dict]) -> None:
     for r in rows:
         if r.get("impl") != "pregated-jax" or "error" in r:
             continue
+        if r.get("prefill_s"):
+            r["prefill_gb_per_s"] = r["prefill_experts_copied"] * r["expert_bytes"] / r["prefill_s"] / 1e9
         g = gpu.get(key(r))
         if g:
             roof = max(g["decode_s"], r["decode_bytes_moved"] / (LINK_GBPS * 1e9))
@@ -192,7 +194,7 @@ def write_report(out: Path, doc: dict) -> None:
              f"jax {doc['machine'].get('jax')}. Command: `{doc['command']}`. "
              f"{doc['input_len']} input tokens, {doc['new_tokens']} new tokens, random bf16 weights.\n",
              "| preset | impl | mode | batch | beams | prefill ms | decode tok/s | end-to-end tok/s | x HF OnDemand "
-             "| decode / roofline | MoE block ms | GB moved | H2D GB/s | peak GiB | peak vs gpu-only |",
+             "| decode / roofline | MoE block ms | GB moved | prefill H2D GB/s | peak GiB | peak vs gpu-only |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
     for r in rows:
@@ -209,7 +211,7 @@ def write_report(out: Path, doc: dict) -> None:
             f"| {f(r.get('end_to_end_tokens_per_s') or r.get('tokens_per_s'), '.1f')} "
             f"| {f(r.get('speedup_vs_hf_on_demand'), '.2f')} | {f(r.get('decode_over_roofline'), '.2f')} "
             f"| {f(r.get('moe_block_ms'), '.2f')} | {f(r['bytes_moved'] / 1e9 if ours else None, '.2f')} "
-            f"| {f(r.get('h2d_gb_per_s'), '.1f')} | {f(peak / 2**30 if peak else None, '.2f')} "
+            f"| {f(r.get('prefill_gb_per_s'), '.1f')} | {f(peak / 2**30 if peak else None, '.2f')} "
             f"| {f(r.get('peak_vs_gpu_only'), '.3f')} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     plot(out, rows)

@@ -135,6 +135,8 @@ class RunStats:
             ("peak device memory", f"{self.peak_device_bytes / 2**30:.2f} GiB" if self.peak_device_bytes else "n/a"),
             ("cache hit rate", _pct(d["cache_hit_rate"])), ("speculative hit rate", _pct(d["speculative_hit_rate"])),
         ]
+        if d["moe_block_ms"] is not None:
+            rows.insert(6, ("MoE block latency (synchronized)", f"{d['moe_block_ms']:.2f} ms"))
         return "\n".join(["| statistic | value |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in rows])
 
 
