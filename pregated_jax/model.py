@@ -172,11 +172,7 @@ class Stack(nnx.Module):
         self.dropout = nnx.Dropout(config.dropout_rate, rngs=rngs)
 
     def self_bias(self, query_positions: Array, key_positions: Array, key_mask: Array | None) -> Array:
-        """Position bias plus masks -> [B|1, heads, q, k] float32."""
-        visible = key_padding(key_mask)
-        if self.kind == "decoder":
-            visible = visible & causal(query_positions, key_positions)
-        return self.relative_bias(query_positions, key_positions) + visibility_bias(visible)
+        return self_attention_bias(self.relative_bias, self.kind, query_positions, key_positions, key_mask)
 
     def __call__(self, x: Array, mask: Array | None = None, *, cross: list[CrossKV] | None = None,
                  cross_mask: Array | None = None, caches: list[KVCache] | None = None,
@@ -254,11 +250,8 @@ class SwitchTransformer(nnx.Module):
         return self.logits(hidden), caches
 
     def logits(self, hidden: Array) -> Array:
-        """hidden [B, T, d] -> logits [B, T, V] in float32 (tied: scaled by d_model**-0.5)."""
-        hidden = hidden.astype(jnp.float32)
-        if self.config.tie_word_embeddings:
-            return (hidden * self.config.d_model ** -0.5) @ self.shared[...].T
-        return hidden @ self.lm_head[...]
+        lm_head = None if self.config.tie_word_embeddings else self.lm_head[...]
+        return lm_logits(hidden, self.shared[...], lm_head, self.config.d_model)
 
     def __call__(self, input_ids: Array, decoder_input_ids: Array, attention_mask: Array | None = None,
                  decoder_attention_mask: Array | None = None, *, return_aux: bool = False):
@@ -270,6 +263,23 @@ class SwitchTransformer(nnx.Module):
         ez, ea = stack_losses(enc_decisions)
         dz, da = stack_losses(dec_decisions)
         return logits, ModelAux(ez, ea, dz, da, tuple(enc_decisions), tuple(dec_decisions))
+
+
+def self_attention_bias(relative_bias: RelativePositionBias, kind: StackKind, query_positions: Array,
+                        key_positions: Array, key_mask: Array | None) -> Array:
+    """Relative position bias plus masks (padding; causal in the decoder) -> [B|1, heads, q, k] float32."""
+    visible = key_padding(key_mask)
+    if kind == "decoder":
+        visible = visible & causal(query_positions, key_positions)
+    return relative_bias(query_positions, key_positions) + visibility_bias(visible)
+
+
+def lm_logits(hidden: Array, shared: Array, lm_head: Array | None, d_model: int) -> Array:
+    """hidden [B, T, d] -> logits [B, T, V] float32; tied (lm_head None): scaled by d_model**-0.5."""
+    hidden = hidden.astype(jnp.float32)
+    if lm_head is None:
+        return (hidden * d_model ** -0.5) @ shared.T
+    return hidden @ lm_head
 
 
 def router_loss(config: SwitchConfig, aux: ModelAux) -> Array:

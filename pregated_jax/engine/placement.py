@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 from jax.sharding import SingleDeviceSharding
 
-from pregated_jax.model import Block, SwitchTransformer
+from pregated_jax.model import Block, CrossKV, SwitchTransformer, lm_logits, self_attention_bias
 from pregated_jax.moe import ExpertSlots
 from pregated_jax.routing import decide
 
@@ -140,13 +140,7 @@ class StackProgram:
 
 @functools.partial(jax.jit, static_argnums=(0, 2))
 def _self_bias(graphdef, state, kind, query_positions, key_positions, key_mask):
-    from pregated_jax.layers import causal, key_padding, visibility_bias
-
-    rel = nnx.merge(graphdef, state)
-    visible = key_padding(key_mask)
-    if kind == "decoder":
-        visible = visible & causal(query_positions, key_positions)
-    return rel(query_positions, key_positions) + visibility_bias(visible)
+    return self_attention_bias(nnx.merge(graphdef, state), kind, query_positions, key_positions, key_mask)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -179,7 +173,7 @@ class ModelProgram:
         return _embed(self.shared, ids, self.config.dtype)
 
     def logits(self, hidden):
-        return _logits(self.shared, self.lm_head, hidden, self.config.d_model, self.config.tie_word_embeddings)
+        return _logits(hidden, self.shared, self.lm_head, self.config.d_model)
 
 
 @functools.partial(jax.jit, static_argnums=2)
@@ -187,17 +181,10 @@ def _embed(shared, ids, dtype):
     return shared[ids].astype(dtype)
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4))
-def _logits(shared, lm_head, hidden, d_model, tied):
-    hidden = hidden.astype(jnp.float32)
-    if tied:
-        return (hidden * d_model ** -0.5) @ shared.T
-    return hidden @ lm_head
+_logits = jax.jit(lm_logits, static_argnums=3)
 
 
 def _cross_kv_impl(graphdef, state, placeholder, encoder_hidden):
-    from pregated_jax.model import CrossKV
-
     block = nnx.merge(graphdef, placeholder, state)
     return CrossKV(*block.cross_attn.project_kv(encoder_hidden))
 
