@@ -22,7 +22,9 @@ def load_model(path: str | Path = "default", dtype: str | None = None) -> Switch
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint path {path} does not exist")
-    if (path / "config.json").exists() and not (path / "params").exists():
+    hf_weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                  "pytorch_model.bin.index.json")
+    if any((path / name).exists() for name in hf_weights):
         from pregated_jax.hf_checkpoint import from_pretrained
 
         return from_pretrained(path, dtype=dtype)
