@@ -48,7 +48,8 @@ def _greedy(graphdef, state, input_ids: Array, attention_mask: Array, max_new_to
 
 def generate(model: SwitchTransformer, input_ids, attention_mask=None, max_new_tokens: int = 32) -> np.ndarray:
     """Greedy decoding. input_ids [B, S] -> new tokens [B, max_new_tokens] (no start token), padded
-    with `pad_token_id` after EOS. The model should be in eval mode (`model.eval()`)."""
+    with `pad_token_id` after EOS. Puts the model in eval mode (no dropout, no router jitter)."""
+    model.eval()
     input_ids = jnp.asarray(input_ids, jnp.int32)
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")

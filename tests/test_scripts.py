@@ -74,3 +74,23 @@ def test_benchmark_tiny_smoke(tmp_path):
     assert (tmp_path / "results.md").exists() and (tmp_path / "chart.png").exists()
     if peer[-1] == "on-demand":
         assert any(r["impl"] == "hf-transformers" for r in doc["rows"])
+
+
+def test_train_then_export_then_infer_round_trip(tmp_path):
+    """An Orbax training run -> export_hf.py -> load_model: the same params, and the CLI runs on it."""
+    from pregated_jax.train import load_model as load_orbax
+    from pregated_jax.train import train_and_evaluate
+    from pregated_jax.train.config import config_from_py
+
+    cfg = config_from_py(str(ROOT / "configs" / "tiny.py"), [("training.num_steps", "2"), ("training.eval_every", "1000"),
+                                                          ("training.checkpoint_every", "2")])
+    train_and_evaluate(cfg, tmp_path / "run")
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "export_hf.py"), "--checkpoint", str(tmp_path / "run"),
+                           "--out", str(tmp_path / "hf")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    a = nnx.state(load_orbax(tmp_path / "run"), nnx.Param)
+    b = nnx.state(load_model(tmp_path / "hf"), nnx.Param)
+    for (pa, va), (pb, vb) in zip(nnx.to_flat_state(a), nnx.to_flat_state(b)):
+        assert pa == pb
+        np.testing.assert_array_equal(va.get_value(), vb.get_value(), err_msg=str(pa))
+    assert (tmp_path / "hf" / "spiece.model").exists()

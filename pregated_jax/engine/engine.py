@@ -80,6 +80,7 @@ class InferenceEngine:
         if config.mode == "speculative" and cfg.routing != "conventional":
             raise ValueError("mode 'speculative' predicts with the next block's own gate: it needs a "
                              "conventional model; use mode 'pregated' for a pre-gated one")
+        model.eval()  # inference is deterministic: no dropout, no router jitter
         self.config, self.model_config = config, cfg
         self.mem = Memories.for_device(device)
         if config.mode == "gpu-only":  # experts placed on the device, as the ceiling
