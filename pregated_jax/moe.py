@@ -58,6 +58,8 @@ def apply_experts(x: Array, decision: RouterDecision, wi: Array, wo: Array, dtyp
     b, s, d = x.shape
     tokens = x.reshape(b * s, d).astype(dtype)  # [T, d]
     num_groups = wi.shape[0]
+    if expert_ids is None and b * s <= num_groups // 2:
+        return _gathered_experts(tokens, decision, wi, wo, dtype, dropout).reshape(b, s, d)
     if expert_ids is None:
         group = decision.expert_index.reshape(-1)  # [T]
     else:
@@ -78,3 +80,15 @@ def apply_experts(x: Array, decision: RouterDecision, wi: Array, wo: Array, dtyp
     y = jnp.zeros_like(y).at[order].set(y)  # back to token order
     weight = jnp.where(keep, decision.combine_weight.reshape(-1), 0.0).astype(dtype)  # [T]
     return (y * weight[:, None]).reshape(b, s, d)
+
+
+def _gathered_experts(tokens, decision: RouterDecision, wi, wo, dtype, dropout) -> Array:
+    """Few tokens, many experts (decoding with every expert resident): gather each token's expert
+    weights and multiply densely, reading T experts instead of touching all E groups. -> [T, d]."""
+    index = decision.expert_index.reshape(-1)  # [T]
+    h = jax.nn.relu(jnp.einsum("td,tdf->tf", tokens, wi[index].astype(dtype)))  # [T, ff]
+    if dropout is not None:
+        h = dropout(h)
+    y = jnp.einsum("tf,tfd->td", h, wo[index].astype(dtype))  # [T, d]
+    weight = jnp.where(decision.keep.reshape(-1), decision.combine_weight.reshape(-1), 0.0).astype(dtype)
+    return y * weight[:, None]

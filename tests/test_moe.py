@@ -33,6 +33,17 @@ def test_router_and_experts_match_naive_loop(capacity):
     np.testing.assert_allclose(fast, naive_moe(h, wi, wo, index, prob, keep), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("capacity", [None, 1])
+def test_few_token_gather_path_matches_naive_loop(capacity):
+    """T <= E/2 takes the gather path (decoding with all experts resident)."""
+    h, classifier, wi, wo = _weights(2, e=8)
+    h = h[:1, :3]  # 3 tokens, 8 experts
+    decision = decide(h @ classifier, capacity)
+    index, prob, keep = naive_route(h, classifier, capacity)
+    fast = apply_experts(h, decision, wi, wo, jnp.float32)
+    np.testing.assert_allclose(fast, naive_moe(h, wi, wo, index, prob, keep), atol=1e-4, rtol=1e-4)
+
+
 def test_slot_table_dispatch_matches_full_table():
     """Experts given as a subset (a device slot table) in any order give the same output."""
     h, classifier, wi, wo = _weights(1)
