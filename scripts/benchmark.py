@@ -45,6 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--cache-experts", type=int, default=None)
     p.add_argument("--device-budget-gib", type=float, default=None,
                    help="bound the engine's expert buffers (pregated mode only)")
+    p.add_argument("--profile-all-rows", action="store_true",
+                   help="per-MoE-block latency for every row (default: the first row of each worker only; "
+                   "the profiled run dispatches block by block and compiles its own functions)")
     p.add_argument("--timeout", type=int, default=900, help="seconds per worker")
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks"))
     p.add_argument("--plot-only", action="store_true", help="redraw results.md/chart.png from results.json")
@@ -94,8 +97,10 @@ def engine_worker(args):
             best = min(runs, key=lambda s: s.prefill_s + s.decode_s).as_dict()
             # Memory and per-MoE-block latency in separate runs: sampling and syncing perturb timing.
             mem_stats = engine.generate(ids, max_new_tokens=args.new_tokens, num_beams=beams, track_memory=True).stats
-            prof = engine.generate(ids, max_new_tokens=args.new_tokens, num_beams=beams,
-                                   profile_blocks=True).stats.as_dict()
+            first_row = (batch, beams) == (args.batches[0], args.beams[0])
+            prof = (engine.generate(ids, max_new_tokens=args.new_tokens, num_beams=beams,
+                                    profile_blocks=True).stats.as_dict()
+                    if args.profile_all_rows or first_row else {"moe_block_ms": None})
             best.update(preset=args.preset, impl="pregated-jax", sampled_peak_bytes=mem_stats.sampled_peak_bytes,
                         moe_block_ms=prof["moe_block_ms"], compile_s=compile_s, build_s=build_s,
                         cache=args.cache, device=str(jax.devices()[0].device_kind),
@@ -125,7 +130,8 @@ def spawn(args, worker, preset, mode) -> list[dict]:
     cmd = [sys.executable, __file__, "--worker", worker, "--preset", preset, "--mode", mode,
            "--batches", *map(str, args.batches), "--beams", *map(str, args.beams),
            "--input-len", str(args.input_len), "--new-tokens", str(args.new_tokens),
-           "--repeats", str(args.repeats)] + (["--tiny"] if args.tiny else [])
+           "--repeats", str(args.repeats)] + (["--tiny"] if args.tiny else []) + \
+          (["--profile-all-rows"] if args.profile_all_rows else [])
     if args.cache:
         cmd += ["--cache", args.cache] + (["--cache-experts", str(args.cache_experts)] if args.cache_experts else [])
     if args.device_budget_gib:
@@ -218,6 +224,7 @@ def write_report(out: Path, doc: dict) -> None:
 
 
 def plot(out: Path, rows: list[dict]) -> None:
+    """chart.png: end-to-end tokens/s per preset and implementation/mode, one panel per (batch, beams)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -225,26 +232,37 @@ def plot(out: Path, rows: list[dict]) -> None:
     except ImportError:
         print("matplotlib not installed: no chart")
         return
-    sel = [r for r in rows if "error" not in r and r.get("batch") == 1 and r.get("num_beams") == 1]
-    presets = list(dict.fromkeys(r["preset"] for r in sel))
-    series = list(dict.fromkeys((r["impl"], r["mode"]) for r in sel))
-    fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(presets)), 4))
+    ok = [r for r in rows if "error" not in r and r.get("batch") is not None]
+    panels = sorted({(r["batch"], r["num_beams"]) for r in ok})
+    if not panels:
+        return
+    presets = list(dict.fromkeys(r["preset"] for r in ok))
+    series = list(dict.fromkeys((r["impl"], r["mode"]) for r in ok))
+    colors = {s: plt.get_cmap("tab10")(n % 10) for n, s in enumerate(series)}
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(6, 2.2 * len(presets)) * len(panels) ** 0.8, 4.2),
+                             squeeze=False)
     width = 0.8 / max(1, len(series))
-    for n, (impl, mode) in enumerate(series):
-        ys = []
-        for p in presets:
-            m = [r for r in sel if r["preset"] == p and r["impl"] == impl and r["mode"] == mode]
-            ys.append((m[0].get("end_to_end_tokens_per_s") or m[0].get("tokens_per_s") or 0) if m else 0)
-        label = f"{'HF ' if impl != 'pregated-jax' else ''}{mode}"
-        ax.bar([i + n * width for i in range(len(presets))], ys, width, label=label,
-               hatch="//" if impl != "pregated-jax" else None)
-    ax.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(presets))], presets)
-    ax.set_ylabel("end-to-end tokens/s (batch 1, greedy)")
-    ax.set_yscale("log")
-    ax.legend(fontsize=7, ncol=2)
-    ax.set_title("pregated-jax engine modes vs Hugging Face peer")
+    for ax, (batch, beams) in zip(axes[0], panels):
+        sel = [r for r in ok if (r["batch"], r["num_beams"]) == (batch, beams)]
+        for n, (impl, mode) in enumerate(series):
+            ys = []
+            for p in presets:
+                m = [r for r in sel if r["preset"] == p and r["impl"] == impl and r["mode"] == mode]
+                ys.append((m[0].get("end_to_end_tokens_per_s") or m[0].get("tokens_per_s") or 0) if m else 0)
+            label = f"{'HF ' if impl != 'pregated-jax' else ''}{mode}"
+            ax.bar([i + n * width for i in range(len(presets))], ys, width, label=label, color=colors[(impl, mode)],
+                   hatch="//" if impl != "pregated-jax" else None)
+        ax.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(presets))],
+                      [p.replace("switch-", "") for p in presets])
+        ax.set_yscale("log")
+        ax.set_title(f"batch {batch}, {'greedy' if beams == 1 else f'{beams} beams'}")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("end-to-end tokens/s (log)")
+    axes[0][-1].legend(fontsize=7, ncol=1, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.suptitle("pregated-jax engine modes vs the Hugging Face peer (hatched)")
     fig.tight_layout()
     fig.savefig(out / "chart.png", dpi=120)
+    plt.close(fig)
 
 
 def main(argv=None):

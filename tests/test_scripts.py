@@ -94,3 +94,55 @@ def test_train_then_export_then_infer_round_trip(tmp_path):
         assert pa == pb
         np.testing.assert_array_equal(va.get_value(), vb.get_value(), err_msg=str(pa))
     assert (tmp_path / "hf" / "spiece.model").exists()
+
+
+def test_quality_report_from_run_metrics(tmp_path):
+    """The quality experiment's report: the ROUGE table, the step counts and the curves' raw data."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quality_experiment", ROOT / "scripts" / "quality_experiment.py")
+    qe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(qe)
+    work, out = tmp_path / "work", tmp_path / "out"
+    out.mkdir()
+    runs = {}
+    for n, name in enumerate(qe.RUNS):
+        (work / name).mkdir(parents=True)
+        lines = [{"step": 10, "train/cross_entropy": 5.0 - n}, {"step": 20, "eval/cross_entropy": 4.5 - n}]
+        (work / name / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+        runs[name] = {"steps": 20 if name != "converted" else 5, "final_train_loss": 5.0 - n,
+                      "final_eval_loss": 4.5 - n, "rouge": {"rouge1": 30.0 + n, "rouge2": 10.0, "rougeL": 25.5},
+                      "steps_per_s": 2.0, "examples_per_s": 16.0, "train_cmd": f"scripts/train.py {name}",
+                      "eval_cmd": f"scripts/evaluate.py {name}"}
+    state = {"runs": runs, "machine": {"device": "cpu", "jax": "x"}, "command": "c", "gin_file": "g",
+             "eval_examples": 7}
+    qe.write_report(state, work, out, 20)
+    table = (out / "results.md").read_text()
+    assert "| conventional | 20 | 30.00 | 10.00 | 25.50 | 5.000 | 4.500 |" in table
+    assert "| pregated | 20 | 31.00 |" in table
+    assert "| converted | 20 + 5 | 32.00 |" in table
+    assert json.loads((out / "results.json").read_text())["runs"]["pregated"]["rouge"]["rouge1"] == 31.0
+    assert (out / "metrics_converted.jsonl").read_text() == (work / "converted" / "metrics.jsonl").read_text()
+    assert (out / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_random_benchmark_model_experts_are_distinct_nonzero_and_scaled():
+    """Benchmark weights: experts built in host memory from windows of a shared pool must still differ
+    from each other, contain no zeros and have the fan-in scale."""
+    from pregated_jax.bench.random_model import random_model
+    from pregated_jax.model import param_shapes
+
+    cfg = get_preset("tiny", routing="pregated", dtype="float32")
+    model = random_model(cfg, seed=0, experts_on_host=True)
+    state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    expert_leaves = [p for p in param_shapes(cfg) if len(p) >= 2 and p[-2] == "experts"]
+    assert expert_leaves
+    for path in expert_leaves:
+        leaf = state
+        for k in path:
+            leaf = leaf[k]
+        w = np.asarray(leaf, np.float32)  # [E, fan_in, fan_out]
+        assert np.all(w != 0), path
+        flat = w.reshape(w.shape[0], -1)
+        assert len({row.tobytes() for row in flat}) == w.shape[0], f"identical experts in {path}"
+        np.testing.assert_allclose(w.std(), w.shape[-2] ** -0.5, rtol=0.1)

@@ -24,27 +24,39 @@ def random_model(config: SwitchConfig, seed: int = 0, experts_on_host: bool = Tr
                  mem: Memories | None = None) -> SwitchTransformer:
     """A model with random weights in `config.dtype` (routers in float32).
 
-    Leaves are generated one at a time on the device; with `experts_on_host` each expert stack moves to
-    host memory right after it is drawn, so the device never holds all experts at once.
+    Non-expert leaves are drawn on the device. With `experts_on_host`, each expert stack is assembled in
+    host memory from windows at random offsets into a pool of normal draws (one pool per scale) and
+    moved to host memory, so the device never holds them: drawing tens of billions of independent values
+    took minutes per model; windows keep every expert distinct and nonzero at memcpy speed.
     """
     mem = mem or Memories.for_device()
     dtype = jnp.dtype(config.dtype)
     key = jax.random.key(seed)
+    rng = np.random.default_rng(seed)
+    pools: dict = {}
     params = {}
     for n, (path, shape) in enumerate(param_shapes(config).items()):
         std = _std(path, shape)
         is_router = path[-1] == "classifier"
         leaf_dtype = jnp.float32 if is_router else dtype
-        leaf_key = jax.random.fold_in(key, n)
-        draw = lambda k, shp: (jax.random.normal(k, shp, leaf_dtype) * std).astype(leaf_dtype)  # noqa: E731
         if std is None:
             value = jnp.ones(shape, leaf_dtype)
         elif experts_on_host and len(path) >= 2 and path[-2] == "experts":
-            # a few experts at a time through numpy, so the device peak stays small
-            parts = [np.asarray(jax.device_get(draw(jax.random.fold_in(leaf_key, i), (min(8, shape[0] - i),) + shape[1:])))
-                     for i in range(0, shape[0], 8)]
-            value = jax.device_put(np.concatenate(parts), mem.on_host)
+            value = jax.device_put(_host_stack(shape, std, leaf_dtype, rng, pools), mem.on_host)
         else:
-            value = draw(leaf_key, shape)
+            value = (jax.random.normal(jax.random.fold_in(key, n), shape, leaf_dtype) * std).astype(leaf_dtype)
         params[path] = value
     return materialize(abstract_model(config), params, seed)
+
+
+def _host_stack(shape: tuple, std: float, dtype, rng: np.random.Generator, pools: dict) -> np.ndarray:
+    """[E, ...] expert stack: expert e is a window of `pool(std)` at a random offset -> numpy array."""
+    per_expert = int(np.prod(shape[1:]))
+    pool = pools.get((std, per_expert))
+    if pool is None:
+        draws = rng.standard_normal(max(4 * per_expert, 1 << 16), dtype=np.float32) * std
+        pool = pools[(std, per_expert)] = draws.astype(dtype)
+    out = np.empty(shape, dtype)
+    for e, offset in enumerate(rng.integers(0, pool.size - per_expert + 1, shape[0])):
+        out[e] = pool[offset:offset + per_expert].reshape(shape[1:])
+    return out

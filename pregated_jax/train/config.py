@@ -80,7 +80,7 @@ class TrainingConfig:
     keep_checkpoints: int = 3
     seed: int = 0  # model init, dropout/jitter RNG, data shuffling
     log_every: int = 50
-    tensorboard: bool = True  # also write TensorBoard events when tensorboardX is importable
+    tensorboard: bool = True  # also write TensorBoard events (needs the `tensorboard` package)
 
     def __post_init__(self):
         for name in ("batch_size", "max_input_len", "max_target_len", "eval_every", "eval_steps",

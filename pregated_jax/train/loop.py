@@ -16,7 +16,12 @@ import dataclasses
 import functools
 import itertools
 import json
+import logging
 import math
+import numbers
+import sys
+import time
+import types
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -35,6 +40,8 @@ from pregated_jax.train.config import ModelConfig, OptimizerConfig, TrainConfig
 from pregated_jax.train.inputs import Batch, batches_from, default_batches, host_batch, eval_batches_view
 from pregated_jax.train.optim import make_optimizer
 
+
+_log = logging.getLogger(__name__)
 
 
 @struct.dataclass
@@ -172,30 +179,63 @@ def build_model(config: TrainConfig, resume_from: Path | None = None) -> SwitchT
 
 
 class MetricsWriter:
-    """Appends `{"step", **metrics}` lines to <workdir>/metrics.jsonl; TensorBoard too if tensorboardX is
-    importable (it is optional: `pip install tensorboardX`)."""
+    """Appends `{"step", **metrics}` lines to <workdir>/metrics.jsonl (always) and, with `tensorboard`
+    set, writes the numeric metrics as TensorBoard scalars to an event file in <workdir>/tensorboard/.
+
+    The events need the `tensorboard` package only (neither TensorFlow nor tensorboardX); view them with
+    `tensorboard --logdir <workdir>/tensorboard`. Without `tensorboard` installed, one warning is logged
+    and only metrics.jsonl is written. Non-numeric metrics (and bools) go to metrics.jsonl only. Each run
+    (a resume too) adds its own event file to the directory.
+    """
 
     def __init__(self, workdir: Path, tensorboard: bool):
         self.file = open(workdir / "metrics.jsonl", "a")
         self.tb = None
         if tensorboard:
             try:
-                from tensorboardX import SummaryWriter
-                self.tb = SummaryWriter(str(workdir / "tensorboard"))
-            except ImportError:
-                pass
+                self.tb = _TensorBoardScalars(workdir / "tensorboard")
+            except ImportError as err:
+                _log.warning("no TensorBoard events: the `tensorboard` package is missing (%s); "
+                             "writing metrics.jsonl only (pip install tensorboard)", err)
 
     def write(self, step: int, metrics: dict) -> None:
         self.file.write(json.dumps({"step": step, **metrics}) + "\n")
         self.file.flush()
-        for k, v in metrics.items():
-            if self.tb is not None:
-                self.tb.add_scalar(k, v, step)
+        if self.tb is not None:
+            self.tb.write(step, {k: float(v) for k, v in metrics.items()
+                                 if isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))})
 
     def close(self) -> None:
         self.file.close()
         if self.tb is not None:
             self.tb.close()
+
+
+class _TensorBoardScalars:
+    """Scalar summaries (`simple_value`) in a TensorBoard event file, with the `tensorboard` package alone.
+
+    Raises ImportError without it."""
+
+    def __init__(self, logdir: Path):
+        from tensorboard.compat.proto import event_pb2, summary_pb2
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+        if "tensorflow" not in sys.modules:
+            # tensorboard does its file I/O through TensorFlow whenever it can import it (seconds of import
+            # for a local file); this marker module is tensorboard's own switch to its built-in stub.
+            sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
+        self.event_pb2, self.summary_pb2 = event_pb2, summary_pb2
+        self.writer = EventFileWriter(str(logdir))  # creates logdir
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        if not scalars:
+            return
+        summary = self.summary_pb2.Summary(value=[self.summary_pb2.Summary.Value(tag=k, simple_value=v)
+                                                  for k, v in scalars.items()])
+        self.writer.add_event(self.event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
+        self.writer.flush()  # as metrics.jsonl: visible at once, nothing lost if the run dies
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def _host_window(pending: list[dict], last_step: int) -> dict:
@@ -273,6 +313,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path, train_batches=N
     bar = tqdm(total=t.num_steps, initial=start, desc="train", disable=None, dynamic_ncols=True)
     pending: list[dict] = []
     final: dict = {"step": start}
+    window_start, window_steps = time.perf_counter(), 0  # throughput over train steps only
 
     def run_eval(step: int) -> dict:
         metrics = evaluate(eval_step, state, eval_source(), t.eval_steps) if eval_source else {}
@@ -286,12 +327,15 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path, train_batches=N
         for step in range(start, t.num_steps):
             state, metrics = train_step(state, host_batch(next(batches, None), step))
             pending.append(metrics)
-            done = step + 1
+            done, window_steps = step + 1, window_steps + 1
             bar.update(1)
             save_now = done % t.checkpoint_every == 0 or done == t.num_steps
             if done % t.log_every == 0 or save_now or step_callback is not None:
                 final.update(_host_window(pending, done), step=done)  # raises on a non-finite loss
                 pending = []
+                seconds = time.perf_counter() - window_start  # the host sync above ends the window
+                final["train/steps_per_s"] = window_steps / seconds
+                final["train/examples_per_s"] = window_steps * t.batch_size / seconds
                 writer.write(done, {k: v for k, v in final.items() if k.startswith("train/")})
                 bar.set_postfix(loss=f"{final['train/loss']:.4f}")
             if save_now:
@@ -300,6 +344,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path, train_batches=N
                 final.update(run_eval(done))
             if step_callback is not None:
                 step_callback(done, dict(final))
+            if window_steps and not pending:  # a window was logged: the next one starts after saves/evals
+                window_start, window_steps = time.perf_counter(), 0
         if start >= t.num_steps:  # nothing left to train: report the final evaluation
             final.update(run_eval(start))
     finally:
