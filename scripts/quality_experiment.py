@@ -80,6 +80,17 @@ def train_cmd(args, workdir: Path, routing: str, steps: int, extra: list[str]) -
     return cmd + [f"--gin.{b}" for b in args.gin] + extra
 
 
+def phase(args, work: Path, name: str) -> tuple[Path, str, int, list[str]]:
+    """(workdir, routing, steps, extra train.py arguments) of one run of the experiment."""
+    if name != "converted":
+        return work / name, name, args.steps, []
+    lr = final_learning_rate(work / "conventional")  # fine-tune at the conventional run's final rate
+    return work / name, "pregated", args.finetune_steps, [
+        f"--gin.InitConfig.from_checkpoint='{work / 'conventional'}'", "--gin.InitConfig.convert_to_pregated=True",
+        "--gin.OptimizerConfig.schedule='constant'", f"--gin.OptimizerConfig.learning_rate={lr}",
+        "--gin.OptimizerConfig.warmup_steps=0"]
+
+
 def read_metrics(workdir: Path) -> list[dict]:
     path = workdir / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
@@ -125,19 +136,8 @@ def main(argv=None):
     state = json.loads(state_path.read_text()) if state_path.exists() else {"runs": {}}
     save = lambda: state_path.write_text(json.dumps(state, indent=1))  # noqa: E731
 
-    plan = {
-        "conventional": (work / "conventional", "conventional", args.steps, []),
-        "pregated": (work / "pregated", "pregated", args.steps, []),
-    }
     for name in RUNS:
-        if name == "converted":
-            lr = final_learning_rate(work / "conventional")
-            plan[name] = (work / "converted", "pregated", args.finetune_steps, [
-                f"--gin.InitConfig.from_checkpoint='{work / 'conventional'}'",
-                "--gin.InitConfig.convert_to_pregated=True",
-                "--gin.OptimizerConfig.schedule='constant'", f"--gin.OptimizerConfig.learning_rate={lr}",
-                "--gin.OptimizerConfig.warmup_steps=0"])
-        wd, routing, steps, extra = plan[name]
+        wd, routing, steps, extra = phase(args, work, name)
         entry = state["runs"].setdefault(name, {})
         wd.mkdir(parents=True, exist_ok=True)
         if "train_s" not in entry:
@@ -152,8 +152,7 @@ def main(argv=None):
             entry.update(eval_cmd=" ".join(cmd[1:]), eval_s=run(cmd, wd / "eval.log"))
             scores = json.loads((ev / "scores.json").read_text())
             entry["rouge"] = scores["metrics"]
-            entry["engine_mode"] = scores["settings"]["mode"] or ("pregated" if routing == "pregated"
-                                                                  else "speculative")
+            entry["engine_mode"] = scores["settings"]["mode"]  # the mode evaluate.py resolved
             save()
         m = read_metrics(wd)
         entry.update(steps=steps, final_train_loss=last(m, "train/cross_entropy"),

@@ -313,7 +313,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path, train_batches=N
     bar = tqdm(total=t.num_steps, initial=start, desc="train", disable=None, dynamic_ncols=True)
     pending: list[dict] = []
     final: dict = {"step": start}
-    window_start, window_steps = time.perf_counter(), 0  # throughput over train steps only
+    window_start, window_first = time.perf_counter(), start  # throughput over train steps only
 
     def run_eval(step: int) -> dict:
         metrics = evaluate(eval_step, state, eval_source(), t.eval_steps) if eval_source else {}
@@ -327,15 +327,16 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path, train_batches=N
         for step in range(start, t.num_steps):
             state, metrics = train_step(state, host_batch(next(batches, None), step))
             pending.append(metrics)
-            done, window_steps = step + 1, window_steps + 1
+            done = step + 1
             bar.update(1)
             save_now = done % t.checkpoint_every == 0 or done == t.num_steps
-            if done % t.log_every == 0 or save_now or step_callback is not None:
+            log_now = done % t.log_every == 0 or save_now or step_callback is not None
+            if log_now:
                 final.update(_host_window(pending, done), step=done)  # raises on a non-finite loss
                 pending = []
                 seconds = time.perf_counter() - window_start  # the host sync above ends the window
-                final["train/steps_per_s"] = window_steps / seconds
-                final["train/examples_per_s"] = window_steps * t.batch_size / seconds
+                final["train/steps_per_s"] = (done - window_first) / seconds
+                final["train/examples_per_s"] = (done - window_first) * t.batch_size / seconds
                 writer.write(done, {k: v for k, v in final.items() if k.startswith("train/")})
                 bar.set_postfix(loss=f"{final['train/loss']:.4f}")
             if save_now:
@@ -344,8 +345,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path, train_batches=N
                 final.update(run_eval(done))
             if step_callback is not None:
                 step_callback(done, dict(final))
-            if window_steps and not pending:  # a window was logged: the next one starts after saves/evals
-                window_start, window_steps = time.perf_counter(), 0
+            if log_now:  # the next window starts after this step's save and evaluation
+                window_start, window_first = time.perf_counter(), done
         if start >= t.num_steps:  # nothing left to train: report the final evaluation
             final.update(run_eval(start))
     finally:
