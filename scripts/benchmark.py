@@ -139,6 +139,8 @@ def spawn(args, worker, preset, mode) -> list[dict]:
     t = time.perf_counter()
     env = dict(os.environ)
     env.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/pregated_jax_compile_cache")
+    # Workers of one preset share most functions (the prefill's block functions): cache them all.
+    env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
         out, err, code = proc.stdout, proc.stderr, proc.returncode

@@ -144,3 +144,32 @@ def test_fused_step_equals_block_by_block_dispatch(model, cache):
     for field in ("experts_copied", "prefill_experts_copied", "cache_hits", "cache_misses",
                   "speculative_hits", "speculative_needed"):
         assert getattr(fused.stats, field) == getattr(eager.stats, field), field
+
+
+def test_static_graphdef_hashes_once_and_compares_by_value(model):
+    """jit hashes static arguments on every call: `Static` must hash its graphdef once, yet two wrappers of
+    equal graphdefs (two engines over the same config) must still be equal, so that they share compilations."""
+    from pregated_jax.engine.placement import Static
+
+    class CountingHash:
+        def __init__(self, value):
+            self.value, self.calls = value, 0
+
+        def __hash__(self):
+            self.calls += 1
+            return hash(self.value)
+
+        def __eq__(self, other):
+            return isinstance(other, CountingHash) and self.value == other.value
+
+    inner = CountingHash("graph")
+    wrapped = Static(inner)
+    for _ in range(5):
+        hash(wrapped)
+    assert inner.calls == 1
+    a = InferenceEngine(model, mode="gpu-only").program.decoder.blocks[0].graphdef
+    b = InferenceEngine(model, mode="gpu-only").program.decoder.blocks[0].graphdef
+    assert a is not b and a == b and hash(a) == hash(b)
+    blocks = InferenceEngine(model, mode="gpu-only").program.decoder.blocks
+    dense, sparse = next(x for x in blocks if not x.is_sparse), next(x for x in blocks if x.is_sparse)
+    assert dense.graphdef != sparse.graphdef  # a dense FFN block and an MoE block never share a compilation
