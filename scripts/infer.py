@@ -39,6 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--cache", choices=POLICIES, help="device expert cache policy (default: no cache)")
     p.add_argument("--cache_experts", type=int, help="cache slots per MoE block")
     p.add_argument("--device_budget_gib", type=float, help="bound for the engine's expert buffers")
+    p.add_argument("--decode_steps_per_call", type=int, default=1,
+                   help="decode steps per dispatch (a loop inside the jitted step; same tokens)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: the checkpoint's)")
     p.add_argument("--profile", action="store_true", help="also time every MoE block (a synchronized pass)")
     p.add_argument("--warmup", action="store_true", help="compile with a first, untimed run of each batch")
@@ -77,7 +79,8 @@ def main(argv=None):
     cfg = model.config
     mode = args.mode or ("pregated" if cfg.routing == "pregated" else "speculative")
     engine = InferenceEngine(model, mode=mode, cache_policy=args.cache, cache_experts=args.cache_experts,
-                             device_budget_bytes=int(args.device_budget_gib * 2**30) if args.device_budget_gib else None)
+                             device_budget_bytes=int(args.device_budget_gib * 2**30) if args.device_budget_gib else None,
+                             decode_steps_per_call=args.decode_steps_per_call)
     del model
     tok = Tokenizer(vocabulary_for(args.checkpoint))
     print(f"{cfg.num_experts} experts x {len(cfg.sparse_blocks('encoder')) + len(cfg.sparse_blocks('decoder'))} "

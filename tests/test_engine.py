@@ -146,6 +146,22 @@ def test_fused_step_equals_block_by_block_dispatch(model, cache):
         assert getattr(fused.stats, field) == getattr(eager.stats, field), field
 
 
+@pytest.mark.parametrize("num_beams,cache", [(1, None), (2, None), (1, "lru")])
+def test_several_decode_steps_per_call_change_nothing(model, num_beams, cache):
+    """A fori_loop of 3 steps per dispatch (7 tokens: 3 + 3 + 1) against one step per dispatch, every mode."""
+    for mode in modes_for(model):
+        if cache and mode in ("gpu-only", "prefetch-all"):
+            continue
+        kw = dict(cache_policy=cache, cache_experts=6) if cache else {}
+        one = run(InferenceEngine(model, mode=mode, **kw), max_new_tokens=7, num_beams=num_beams)
+        three = run(InferenceEngine(model, mode=mode, decode_steps_per_call=3, **kw), max_new_tokens=7,
+                    num_beams=num_beams)
+        np.testing.assert_array_equal(three.tokens, one.tokens, err_msg=mode)
+        for field in ("steps", "experts_copied", "prefill_experts_copied", "cache_hits", "cache_misses",
+                      "speculative_hits", "speculative_needed"):
+            assert getattr(three.stats, field) == getattr(one.stats, field), (mode, field)
+
+
 def test_static_graphdef_hashes_once_and_compares_by_value(model):
     """jit hashes static arguments on every call: `Static` must hash its graphdef once, yet two wrappers of
     equal graphdefs (two engines over the same config) must still be equal, so that they share compilations."""
@@ -173,3 +189,19 @@ def test_static_graphdef_hashes_once_and_compares_by_value(model):
     blocks = InferenceEngine(model, mode="gpu-only").program.decoder.blocks
     dense, sparse = next(x for x in blocks if not x.is_sparse), next(x for x in blocks if x.is_sparse)
     assert dense.graphdef != sparse.graphdef  # a dense FFN block and an MoE block never share a compilation
+
+
+def test_generation_stops_at_the_first_check_after_every_row_finished():
+    """EOS at the first token: the loop stops at the first finished-check (every `check_every` steps), also
+    when one dispatch runs several steps; the output is EOS then padding."""
+    base = get_preset("tiny", routing="pregated", num_experts=8, expert_capacity=6)
+    first = run(InferenceEngine(SwitchTransformer(base, rngs=nnx.Rngs(0)), mode="pregated"), max_new_tokens=1)
+    eos = int(first.tokens[0, 0])
+    ids, mask = IDS[:1], MASK[:1]
+    model = SwitchTransformer(base.replace(eos_token_id=eos), rngs=nnx.Rngs(0))  # same weights, new EOS
+    for per_call, steps in ((1, 2), (3, 3)):
+        engine = InferenceEngine(model, mode="pregated", check_every=2, decode_steps_per_call=per_call)
+        with jax.transfer_guard("disallow"):
+            res = engine.generate(ids, mask, max_new_tokens=9)
+        assert res.stats.steps == steps, per_call
+        np.testing.assert_array_equal(res.tokens[0], [eos] + [base.pad_token_id] * 8)

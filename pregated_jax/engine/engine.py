@@ -43,6 +43,8 @@ class EngineConfig:
       bounds all expert buffers together (cache slots, or the prefill streaming buffers).
     prefill_chunk: experts per copy when a call needs most of a block (default: all E at once, or what
       the budget allows).
+    decode_steps_per_call: decode steps run by one dispatch (a `fori_loop` inside the jitted step when > 1),
+      which spreads the host's per-dispatch cost over several tokens. Tokens and statistics do not change.
     """
 
     mode: str = "pregated"
@@ -51,8 +53,12 @@ class EngineConfig:
     device_budget_bytes: int | None = None
     prefill_chunk: int | None = None
     check_every: int = 8  # decode steps between checks whether every sequence has finished
+    decode_steps_per_call: int = 1
 
     def __post_init__(self):
+        if self.decode_steps_per_call < 1 or self.check_every < 1:
+            raise ValueError(f"decode_steps_per_call and check_every must be >= 1, got "
+                             f"{self.decode_steps_per_call} and {self.check_every}")
         if self.mode not in MODES:
             raise ValueError(f"unknown engine mode {self.mode!r}; choose one of {', '.join(MODES)}")
         if self.cache_policy is not None and self.cache_policy not in F.POLICIES:
@@ -104,7 +110,7 @@ class InferenceEngine:
         # step, as much as the step's GPU work at batch 1.
         decoder_program = dataclasses.replace(self.program, encoder=None)
         self._decoder_leaves, treedef = jax.tree.flatten(decoder_program)
-        self._decode_step = jax.jit(functools.partial(self._flat_step, treedef), static_argnums=(7,),
+        self._decode_step = jax.jit(functools.partial(self._flat_step, treedef), static_argnums=(7, 8),
                                     donate_argnums=(1, 2, 5))
 
     # --- sizing -------------------------------------------------------------------------------------
@@ -253,10 +259,25 @@ class InferenceEngine:
         return ctx.caches[key]
 
     # --- generation ---------------------------------------------------------------------------------
-    def _flat_step(self, treedef, leaves, search, kv, cross, cross_bias, caches, key_positions, num_beams):
-        """`_step` with the decoder program given as flat leaves (see __init__)."""
+    def _flat_step(self, treedef, leaves, search, kv, cross, cross_bias, caches, key_positions, num_beams,
+                   num_steps):
+        """`num_steps` decode steps (`_step`), the decoder program given as flat leaves (see __init__).
+
+        -> (search, kv, caches, experts copied, [speculative hits, needed]) summed over the steps.
+        """
         program = jax.tree.unflatten(treedef, leaves)
-        return self._step(program, search, kv, cross, cross_bias, caches, key_positions, num_beams)
+        step = functools.partial(self._step, program, cross=cross, cross_bias=cross_bias,
+                                 key_positions=key_positions, num_beams=num_beams)
+        if num_steps == 1:
+            return step(search=search, kv=kv, caches=caches)
+
+        def body(_, carry):
+            search, kv, caches, copied, speculation = carry
+            search, kv, caches, c, s = step(search=search, kv=kv, caches=caches)
+            return search, kv, caches, copied + c, speculation + s
+
+        totals = (jnp.int32(0), jnp.zeros((2,), jnp.int32))
+        return jax.lax.fori_loop(0, num_steps, body, (search, kv, caches) + totals)
 
     def _step(self, program, search, kv, cross, cross_bias, caches, key_positions, num_beams):
         """One decode step for every row, traced into a single jitted function.
@@ -284,7 +305,8 @@ class InferenceEngine:
                  profile_blocks: bool = False, fused: bool = True) -> GenerationResult:
         """Greedy (num_beams=1) or beam search. input_ids [B, S] -> GenerationResult(tokens [B, T]).
 
-        Each decode step is one jitted call (`fused`); `fused=False` dispatches every block separately
+        Each decode step (or `decode_steps_per_call` steps) is one jitted call (`fused`); `fused=False`
+        dispatches every block separately
         (the reference path, and what `profile_blocks` uses). progress(step, total) is called after every
         step. For measurements only: `track_memory` samples device bytes-in-use after every dispatch;
         `profile_blocks` synchronizes around every MoE block to time it (removing the overlap it measures).
@@ -325,10 +347,12 @@ class InferenceEngine:
         stats.prefill_s = watch.lap(hidden)
         stats.mark_prefill_done(self)
 
-        for t in range(max_new_tokens):
+        t = 0
+        while t < max_new_tokens:
+            n = min(self.config.decode_steps_per_call, max_new_tokens - t) if fused else 1
             if fused:
                 search, kv, self.caches, copied, speculation = self._decode_step(
-                    self._decoder_leaves, search, kv, cross, cross_bias, self.caches, key_positions, num_beams)
+                    self._decoder_leaves, search, kv, cross, cross_bias, self.caches, key_positions, num_beams, n)
                 stats.add_copied(copied)
                 if self.config.mode == "speculative":
                     stats.add_speculation(speculation)
@@ -339,10 +363,12 @@ class InferenceEngine:
                 search, kv = self._eager_step(program, search, kv, cross, cross_bias, ctx, key_positions,
                                               num_beams)
                 self.caches = ctx.flush_into(stats)
-            stats.steps = t + 1
+            done_before, t = t, t + n
+            stats.steps = t
             if progress is not None:
-                progress(t + 1, max_new_tokens)
-            if (t + 1) % self.config.check_every == 0 and bool(jax.device_get(all_finished(search))):
+                progress(t, max_new_tokens)
+            crossed_check = t // self.config.check_every > done_before // self.config.check_every
+            if crossed_check and bool(jax.device_get(all_finished(search))):
                 break
         tokens = np.asarray(jax.device_get(best_sequences(search, length_penalty)))
         stats.decode_s = watch.lap()
