@@ -308,7 +308,8 @@ class InferenceEngine:
         Each decode step (or `decode_steps_per_call` steps) is one jitted call (`fused`); `fused=False`
         dispatches every block separately (the reference path, and what `profile_blocks` uses).
         progress(step, total) is called after every dispatch. For measurements only: `track_memory` samples
-        device bytes-in-use after every dispatch; `profile_blocks` synchronizes around every MoE block to time it (removing the overlap it measures).
+        device bytes-in-use after every dispatch; `profile_blocks` synchronizes around every MoE block to time
+        it (removing the overlap it measures).
         """
         cfg, put = self.model_config, lambda a: jax.device_put(np.asarray(a, np.int32), self.mem.on_device)
         input_ids = np.asarray(input_ids)
