@@ -45,8 +45,10 @@ def parse_args(argv=None):
     p.add_argument("--cache-experts", type=int, default=None)
     p.add_argument("--device-budget-gib", type=float, default=None,
                    help="bound the engine's expert buffers (pregated mode only)")
-    p.add_argument("--decode-steps-per-call", type=int, default=1,
-                   help="decode steps per dispatch of the engine's jitted step (see EngineConfig)")
+    p.add_argument("--decode-steps-per-call", type=int, default=None,
+                   help="decode steps per dispatch of the engine's jitted step (default: EngineConfig's)")
+    p.add_argument("--prefill-copy", choices=["routed", "whole"], default="routed",
+                   help="prefill copies the routed experts (default) or whole MoE blocks")
     p.add_argument("--profile-all-rows", action="store_true",
                    help="per-MoE-block latency for every row (default: the first row of each worker only; "
                    "the profiled run dispatches block by block and compiles its own functions)")
@@ -84,8 +86,10 @@ def engine_worker(args):
         kw.update(cache_policy=args.cache, cache_experts=args.cache_experts)
     if args.device_budget_gib and args.mode == "pregated":
         kw.update(device_budget_bytes=int(args.device_budget_gib * 2**30))
+    if args.decode_steps_per_call is not None:
+        kw.update(decode_steps_per_call=args.decode_steps_per_call)
     engine = InferenceEngine(model, mode=args.mode, check_every=10**9,
-                             decode_steps_per_call=args.decode_steps_per_call, **kw)
+                             prefill_routed_only=args.prefill_copy == "routed", **kw)
     del model
     build_s = time.perf_counter() - t0
     rng = np.random.default_rng(0)
@@ -107,7 +111,7 @@ def engine_worker(args):
             best.update(preset=args.preset, impl="pregated-jax", sampled_peak_bytes=mem_stats.sampled_peak_bytes,
                         moe_block_ms=moe_block_ms, compile_s=compile_s, build_s=build_s,
                         cache=args.cache, device=str(jax.devices()[0].device_kind),
-                        decode_steps_per_call=args.decode_steps_per_call,
+                        decode_steps_per_call=engine.config.decode_steps_per_call, prefill_copy=args.prefill_copy,
                         device_budget_gib=args.device_budget_gib if args.mode == "pregated" else None)
             print("ROW " + json.dumps(best), flush=True)
 
@@ -134,7 +138,8 @@ def spawn(args, worker, preset, mode) -> list[dict]:
     cmd = [sys.executable, __file__, "--worker", worker, "--preset", preset, "--mode", mode,
            "--batches", *map(str, args.batches), "--beams", *map(str, args.beams),
            "--input-len", str(args.input_len), "--new-tokens", str(args.new_tokens),
-           "--repeats", str(args.repeats), "--decode-steps-per-call", str(args.decode_steps_per_call)] + \
+           "--repeats", str(args.repeats), "--prefill-copy", args.prefill_copy] + \
+          (["--decode-steps-per-call", str(args.decode_steps_per_call)] if args.decode_steps_per_call else []) + \
           (["--tiny"] if args.tiny else []) + \
           (["--profile-all-rows"] if args.profile_all_rows else [])
     if args.cache:

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a so
 
 
 def parse_args(argv=None):
-    from pregated_jax.engine import MODES
+    from pregated_jax.engine import MODES, EngineConfig
     from pregated_jax.engine.fetch import POLICIES
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -39,7 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--cache", choices=POLICIES, help="device expert cache policy (default: no cache)")
     p.add_argument("--cache_experts", type=int, help="cache slots per MoE block")
     p.add_argument("--device_budget_gib", type=float, help="bound for the engine's expert buffers")
-    p.add_argument("--decode_steps_per_call", type=int, default=1,
+    p.add_argument("--decode_steps_per_call", type=int, default=EngineConfig.decode_steps_per_call,
                    help="decode steps per dispatch (a loop inside the jitted step; same tokens)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: the checkpoint's)")
     p.add_argument("--profile", action="store_true", help="also time every MoE block (a synchronized pass)")

@@ -84,13 +84,29 @@ def test_statistics_count_copies(model):
     assert d["decode_tokens_per_s"] > 0 and d["h2d_gb_per_s"] > 0
 
 
+def test_prefill_copies_exactly_the_routed_experts(model):
+    """Dense calls copy the distinct experts the (pre-)gates routed kept tokens to, per encoder MoE block
+    (reference: the plain model's decisions); with prefill_routed_only=False, whole blocks."""
+    _, decisions = model.encode(jnp.asarray(IDS), jnp.asarray(MASK))
+    routed = sum(len(set(np.asarray(d.expert_index)[np.asarray(d.keep)].tolist())) for d in decisions)
+    assert 0 < routed < len(decisions) * 8  # the tiny model leaves some experts unrouted
+    modes = ["on-demand"] + (["pregated"] if model.config.routing == "pregated" else [])
+    for mode in modes:
+        s = run(InferenceEngine(model, mode=mode), max_new_tokens=2).stats
+        assert s.prefill_experts_copied == routed, mode
+        whole = run(InferenceEngine(model, mode=mode, prefill_routed_only=False), max_new_tokens=2).stats
+        assert whole.prefill_experts_copied == len(decisions) * 8, mode
+
+
 def test_speculative_reports_hit_rate():
     cfg = get_preset("tiny", num_experts=8)
     m = SwitchTransformer(cfg, rngs=nnx.Rngs(0))
     m.eval()
     s = run(InferenceEngine(m, mode="speculative"), max_new_tokens=4).stats
-    # decode: per step, every decoder MoE block after the first is predicted for 3 rows
-    assert 0 < s.speculative_needed <= 3 * 4 * (len(cfg.sparse_blocks("decoder")) - 1)
+    # decode: per step, every decoder MoE block after the first is predicted for 3 rows; prefill: every
+    # encoder MoE block after the first, for at most its 8 experts
+    most = 3 * 4 * (len(cfg.sparse_blocks("decoder")) - 1) + 8 * (len(cfg.sparse_blocks("encoder")) - 1)
+    assert 0 < s.speculative_needed <= most
     assert 0 <= s.speculative_hits <= s.speculative_needed
 
 
@@ -153,7 +169,8 @@ def test_several_decode_steps_per_call_change_nothing(model, num_beams, cache):
         if cache and mode in ("gpu-only", "prefetch-all"):
             continue
         kw = dict(cache_policy=cache, cache_experts=6) if cache else {}
-        one = run(InferenceEngine(model, mode=mode, **kw), max_new_tokens=7, num_beams=num_beams)
+        one = run(InferenceEngine(model, mode=mode, decode_steps_per_call=1, **kw), max_new_tokens=7,
+                  num_beams=num_beams)
         three = run(InferenceEngine(model, mode=mode, decode_steps_per_call=3, **kw), max_new_tokens=7,
                     num_beams=num_beams)
         np.testing.assert_array_equal(three.tokens, one.tokens, err_msg=mode)

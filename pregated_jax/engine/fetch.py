@@ -33,13 +33,18 @@ def needed_experts(decision: RouterDecision, k: int) -> Array:
     return jnp.where(unique < e, unique, -1).astype(jnp.int32)
 
 
+def _copy_slice(host_wi, host_wo, expert, device: SingleDeviceSharding):
+    """Expert `expert`'s weights from host memory to the device -> (wi [d, ff], wo [ff, d])."""
+    wi = jax.lax.dynamic_index_in_dim(host_wi, expert, keepdims=False)
+    wo = jax.lax.dynamic_index_in_dim(host_wo, expert, keepdims=False)
+    return jax.device_put(wi, device), jax.device_put(wo, device)
+
+
 def _copy_expert(host_wi, host_wo, expert, device: SingleDeviceSharding):
     """One expert's weights from host memory to the device, or zeros (no copy) when expert < 0."""
 
     def copy(e):
-        wi = jax.lax.dynamic_index_in_dim(host_wi, e, keepdims=False)
-        wo = jax.lax.dynamic_index_in_dim(host_wo, e, keepdims=False)
-        return jax.device_put(wi, device), jax.device_put(wo, device)
+        return _copy_slice(host_wi, host_wo, e, device)
 
     def skip(_):
         return (jax.device_put(jnp.zeros(host_wi.shape[1:], host_wi.dtype), device),
@@ -48,25 +53,53 @@ def _copy_expert(host_wi, host_wo, expert, device: SingleDeviceSharding):
     return jax.lax.cond(expert >= 0, copy, skip, expert)
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4))
+@functools.partial(jax.jit, static_argnums=(3, 4), static_argnames="compact")
 def fetch_decision(host_wi, host_wo, decision: RouterDecision, k: int, device: SingleDeviceSharding,
-                   exclude: Array | None = None):
+                   exclude: Array | None = None, *, compact: bool = False):
     """Copies the experts `decision` needs into a fresh k-slot table.
 
     `exclude` [G] lists experts already on the device (speculative mode: the prefetched ones); they
-    are not copied again. -> (ExpertSlots with ids -1 for unused slots, experts copied [int32]).
+    are not copied again. `compact` (for large k, prefill) copies the routed experts in a loop over
+    how many there are instead of one `lax.cond` per slot. -> (ExpertSlots with ids -1 for unused
+    slots, experts copied [int32]).
     """
     ids = needed_experts(decision, k)
     if exclude is not None:
         ids = jnp.where(jnp.any(ids[:, None] == exclude[None, :], axis=-1), -1, ids)
-    wi, wo = _copy_all(host_wi, host_wo, ids, device)
+    if compact:
+        ids = _valid_first(ids)
+        wi, wo = _copy_valid_slots(host_wi, host_wo, ids, device)
+    else:
+        wi, wo = _copy_each_slot(host_wi, host_wo, ids, device)
     return ExpertSlots(wi, wo, ids), jnp.sum(ids >= 0).astype(jnp.int32)
 
 
-def _copy_all(host_wi, host_wo, ids, device):
-    """Slot by slot (a static loop: k is small on the decode path) -> wi [k, d, ff], wo [k, ff, d]."""
+def _copy_each_slot(host_wi, host_wo, ids, device):
+    """Slot by slot, a static loop -> wi [k, d, ff], wo [k, ff, d] (zeros in empty slots)."""
     pairs = [_copy_expert(host_wi, host_wo, ids[j], device) for j in range(ids.shape[0])]
     return jnp.stack([p[0] for p in pairs]), jnp.stack([p[1] for p in pairs])
+
+
+# Why `compact` for prefill: H100, switch-base-128, 256 tokens, 6 encoder MoE blocks of ~56 routed experts
+# each: prefill 146 ms copying whole blocks, 130 ms with 128 `lax.cond` slots, 95 ms with the loop
+# (docs/benchmarks/h100-copy-overlap/README.md).
+def _valid_first(ids):
+    """ids [k] with -1 entries -> the same ids, valid ones first (stable), -1 after them."""
+    order = jnp.argsort(ids < 0, stable=True)
+    return ids[order]
+
+
+def _copy_valid_slots(host_wi, host_wo, ids, device):
+    """ids [k], valid first: copies exactly the valid ones, slot j <- expert ids[j]; the rest stay 0."""
+
+    def copy_one(j, tables):
+        wi, wo = tables
+        new_wi, new_wo = _copy_slice(host_wi, host_wo, ids[j], device)
+        return (jax.lax.dynamic_update_index_in_dim(wi, new_wi, j, 0),
+                jax.lax.dynamic_update_index_in_dim(wo, new_wo, j, 0))
+
+    zeros = lambda a: jax.device_put(jnp.zeros((ids.shape[0],) + a.shape[1:], a.dtype), device)  # noqa: E731
+    return jax.lax.fori_loop(0, jnp.sum(ids >= 0), copy_one, (zeros(host_wi), zeros(host_wo)))
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4))
