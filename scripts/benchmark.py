@@ -139,7 +139,7 @@ def spawn(args, worker, preset, mode) -> list[dict]:
            "--batches", *map(str, args.batches), "--beams", *map(str, args.beams),
            "--input-len", str(args.input_len), "--new-tokens", str(args.new_tokens),
            "--repeats", str(args.repeats), "--prefill-copy", args.prefill_copy] + \
-          (["--decode-steps-per-call", str(args.decode_steps_per_call)] if args.decode_steps_per_call else []) + \
+          ([] if args.decode_steps_per_call is None else ["--decode-steps-per-call", str(args.decode_steps_per_call)]) + \
           (["--tiny"] if args.tiny else []) + \
           (["--profile-all-rows"] if args.profile_all_rows else [])
     if args.cache:

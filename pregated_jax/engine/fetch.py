@@ -43,14 +43,11 @@ def _copy_slice(host_wi, host_wo, expert, device: SingleDeviceSharding):
 def _copy_expert(host_wi, host_wo, expert, device: SingleDeviceSharding):
     """One expert's weights from host memory to the device, or zeros (no copy) when expert < 0."""
 
-    def copy(e):
-        return _copy_slice(host_wi, host_wo, e, device)
-
     def skip(_):
         return (jax.device_put(jnp.zeros(host_wi.shape[1:], host_wi.dtype), device),
                 jax.device_put(jnp.zeros(host_wo.shape[1:], host_wo.dtype), device))
 
-    return jax.lax.cond(expert >= 0, copy, skip, expert)
+    return jax.lax.cond(expert >= 0, lambda e: _copy_slice(host_wi, host_wo, e, device), skip, expert)
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4), static_argnames="compact")
