@@ -49,6 +49,8 @@ def parse_args(argv=None):
                    help="decode steps per dispatch of the engine's jitted step (default: EngineConfig's)")
     p.add_argument("--prefill-copy", choices=["routed", "whole"], default="routed",
                    help="prefill copies the routed experts (default) or whole MoE blocks")
+    p.add_argument("--copy-method", choices=["auto", "xla", "dma"], default="auto",
+                   help="how the offload modes copy routed experts (EngineConfig.copy_method)")
     p.add_argument("--profile-all-rows", action="store_true",
                    help="per-MoE-block latency for every row (default: the first row of each worker only; "
                    "the profiled run dispatches block by block and compiles its own functions)")
@@ -89,7 +91,7 @@ def engine_worker(args):
     if args.decode_steps_per_call is not None:
         kw.update(decode_steps_per_call=args.decode_steps_per_call)
     engine = InferenceEngine(model, mode=args.mode, check_every=10**9,
-                             prefill_routed_only=args.prefill_copy == "routed", **kw)
+                             prefill_routed_only=args.prefill_copy == "routed", copy_method=args.copy_method, **kw)
     del model
     build_s = time.perf_counter() - t0
     rng = np.random.default_rng(0)
@@ -112,6 +114,7 @@ def engine_worker(args):
                         moe_block_ms=moe_block_ms, compile_s=compile_s, build_s=build_s,
                         cache=args.cache, device=str(jax.devices()[0].device_kind),
                         decode_steps_per_call=engine.config.decode_steps_per_call, prefill_copy=args.prefill_copy,
+                        copy_method=engine.copy_method, on_demand_copy_method=engine.on_demand_copy_method,
                         device_budget_gib=args.device_budget_gib if args.mode == "pregated" else None)
             print("ROW " + json.dumps(best), flush=True)
 
@@ -138,7 +141,8 @@ def spawn(args, worker, preset, mode) -> list[dict]:
     cmd = [sys.executable, __file__, "--worker", worker, "--preset", preset, "--mode", mode,
            "--batches", *map(str, args.batches), "--beams", *map(str, args.beams),
            "--input-len", str(args.input_len), "--new-tokens", str(args.new_tokens),
-           "--repeats", str(args.repeats), "--prefill-copy", args.prefill_copy] + \
+           "--repeats", str(args.repeats), "--prefill-copy", args.prefill_copy,
+           "--copy-method", args.copy_method] + \
           ([] if args.decode_steps_per_call is None else ["--decode-steps-per-call", str(args.decode_steps_per_call)]) + \
           (["--tiny"] if args.tiny else []) + \
           (["--profile-all-rows"] if args.profile_all_rows else [])

@@ -41,6 +41,9 @@ def parse_args(argv=None):
     p.add_argument("--device_budget_gib", type=float, help="bound for the engine's expert buffers")
     p.add_argument("--decode_steps_per_call", type=int, default=EngineConfig.decode_steps_per_call,
                    help="decode steps per dispatch (a loop inside the jitted step; same tokens)")
+    p.add_argument("--copy_method", choices=["auto", "xla", "dma"], default=EngineConfig.copy_method,
+                   help="how routed experts are copied: dma (native copy-engine transfers that overlap "
+                   "computation), xla (XLA's copy kernels), auto (dma on a GPU when it builds)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: the checkpoint's)")
     p.add_argument("--profile", action="store_true", help="also time every MoE block (a synchronized pass)")
     p.add_argument("--warmup", action="store_true", help="compile with a first, untimed run of each batch")
@@ -80,7 +83,7 @@ def main(argv=None):
     mode = args.mode or ("pregated" if cfg.routing == "pregated" else "speculative")
     engine = InferenceEngine(model, mode=mode, cache_policy=args.cache, cache_experts=args.cache_experts,
                              device_budget_bytes=int(args.device_budget_gib * 2**30) if args.device_budget_gib else None,
-                             decode_steps_per_call=args.decode_steps_per_call)
+                             decode_steps_per_call=args.decode_steps_per_call, copy_method=args.copy_method)
     del model
     tok = Tokenizer(vocabulary_for(args.checkpoint))
     print(f"{cfg.num_experts} experts x {len(cfg.sparse_blocks('encoder')) + len(cfg.sparse_blocks('decoder'))} "

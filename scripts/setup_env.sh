@@ -18,3 +18,6 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q --no-deps -e .
   touch "$stamp"
 fi
+# The native expert-copy library (copy-engine transfers; see pregated_jax/native). Built once per source and
+# jaxlib version into ~/.cache/pregated_jax; without a C++ compiler the engine falls back to XLA's copies.
+.venv/bin/python -m pregated_jax.native || echo "[setup] native expert copies unavailable: the engine will use XLA's copies"

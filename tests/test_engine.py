@@ -1,5 +1,7 @@
 """The offload engine: every mode generates exactly the reference tokens, with no implicit transfer."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,7 @@ import pytest
 from flax import nnx
 
 from pregated_jax.config import get_preset
-from pregated_jax.engine import InferenceEngine
+from pregated_jax.engine import EngineConfig, InferenceEngine
 from pregated_jax.generation import generate
 from pregated_jax.model import SwitchTransformer
 
@@ -66,7 +68,7 @@ def test_bounded_prefill_stream_equals_reference(model):
 
 
 def test_beam_search_same_in_every_mode_and_matches_naive(model):
-    ref = naive_beam_search(model, IDS, MASK, beams=3, steps=5)
+    ref = naive_beams(model)
     for mode in modes_for(model):
         res = run(InferenceEngine(model, mode=mode), max_new_tokens=5, num_beams=3)
         np.testing.assert_array_equal(res.tokens, ref, err_msg=mode)
@@ -125,6 +127,16 @@ def test_engine_rejects_wrong_mode_and_sizes():
         small.generate(IDS, MASK, max_new_tokens=2)
 
 
+_NAIVE_BEAMS = {}
+
+
+def naive_beams(model):
+    """naive_beam_search(model, IDS, MASK, beams=3, steps=5), computed once per model (it is slow)."""
+    if id(model) not in _NAIVE_BEAMS:
+        _NAIVE_BEAMS[id(model)] = (model, naive_beam_search(model, IDS, MASK, beams=3, steps=5))
+    return _NAIVE_BEAMS[id(model)][1]
+
+
 def naive_beam_search(model, ids, mask, beams, steps):
     """Same algorithm as the engine, written plainly: full recompute of the decoder for every beam."""
     cfg = model.config
@@ -160,6 +172,73 @@ def test_fused_step_equals_block_by_block_dispatch(model, cache):
     for field in ("experts_copied", "prefill_experts_copied", "cache_hits", "cache_misses",
                   "speculative_hits", "speculative_needed"):
         assert getattr(fused.stats, field) == getattr(eager.stats, field), field
+
+
+COPY_COUNTERS = ("experts_copied", "prefill_experts_copied", "speculative_hits", "speculative_needed")
+
+
+def test_dma_copies_generate_the_reference_with_the_same_statistics(model):
+    """copy_method="dma" (the native custom calls) in every mode: the reference tokens, greedy and beam
+    search, and the same copy and speculation counters as XLA's copies."""
+    ref, beam_ref = generate(model, IDS, MASK, 7), naive_beams(model)
+    for mode in modes_for(model):
+        dma = InferenceEngine(model, mode=mode, copy_method="dma")
+        # modes that copy nothing routed (resident experts, whole blocks) keep XLA's copies
+        method = "xla" if mode in ("gpu-only", "prefetch-all") else "dma"
+        assert (dma.copy_method, dma.on_demand_copy_method) == (method, method), mode
+        greedy = run(dma, max_new_tokens=7)
+        np.testing.assert_array_equal(greedy.tokens, ref, err_msg=mode)
+        assert greedy.stats.copy_method == method, mode
+        if method == "dma":  # (otherwise the same engine as copy_method="xla")
+            xla = run(InferenceEngine(model, mode=mode, copy_method="xla"), max_new_tokens=7)
+            for field in COPY_COUNTERS:
+                assert getattr(greedy.stats, field) == getattr(xla.stats, field), (mode, field)
+            assert greedy.stats.experts_copied > greedy.stats.prefill_experts_copied > 0, mode
+        beams = run(dma, max_new_tokens=5, num_beams=3)
+        np.testing.assert_array_equal(beams.tokens, beam_ref, err_msg=mode)
+
+
+def test_dma_fused_step_equals_block_by_block_dispatch(model):
+    """With copy_method="dma", the fused decode step (start/done inside one jit) and the per-block path
+    (eager start and donated finish) agree on tokens and counters."""
+    mode = "speculative" if model.config.routing == "conventional" else "pregated"
+    fused = run(InferenceEngine(model, mode=mode, copy_method="dma"), max_new_tokens=5, num_beams=2)
+    eager = run(InferenceEngine(model, mode=mode, copy_method="dma"), max_new_tokens=5, num_beams=2, fused=False)
+    np.testing.assert_array_equal(fused.tokens, eager.tokens)
+    for field in COPY_COUNTERS:
+        assert getattr(fused.stats, field) == getattr(eager.stats, field), field
+    assert fused.stats.experts_copied > 0
+
+
+def test_dma_prefetches_with_xla_fetches_on_demand(model):
+    """What copy_method="auto" does on a GPU: prefetches and prefill through the native calls, decode-time
+    fetches on demand (first MoE block of a step, speculative misses) through XLA's copies."""
+    mode = "speculative" if model.config.routing == "conventional" else "pregated"
+    mixed = InferenceEngine(model, mode=mode, copy_method="dma")
+    mixed.on_demand_copy_method = "xla"
+    res = run(mixed, max_new_tokens=7)
+    np.testing.assert_array_equal(res.tokens, generate(model, IDS, MASK, 7))
+    xla = run(InferenceEngine(model, mode=mode, copy_method="xla"), max_new_tokens=7)
+    for field in COPY_COUNTERS:
+        assert getattr(res.stats, field) == getattr(xla.stats, field), field
+    assert res.stats.copy_method == "dma, decode on demand: xla"
+
+
+def test_copy_method_is_checked_and_resolved(model):
+    with pytest.raises(ValueError, match="unknown copy method 'teleport'"):
+        EngineConfig(copy_method="teleport")
+    with pytest.raises(ValueError, match="unknown copy method 'teleport'"):
+        InferenceEngine(model, mode="on-demand", copy_method="teleport")
+    for method in ("xla", "dma"):
+        e = InferenceEngine(model, EngineConfig(mode="on-demand", copy_method=method))
+        assert (e.copy_method, e.on_demand_copy_method) == (method, method)
+    if jax.devices()[0].platform != "cpu":
+        pytest.skip("'auto' resolves to XLA's copies only off the GPU")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # on the CPU, "auto" picks XLA's copies without complaint
+        auto = InferenceEngine(model, mode="on-demand")
+    assert auto.config.copy_method == "auto"
+    assert (auto.copy_method, auto.on_demand_copy_method) == ("xla", "xla")
 
 
 @pytest.mark.parametrize("num_beams,cache", [(1, None), (2, None), (1, "lru")])

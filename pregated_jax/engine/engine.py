@@ -10,7 +10,9 @@ Modes (NOTES.md §1; Hwang et al. 2024):
                 real gate has run. Outputs equal the conventional model's.
 
 Copies are issued (asynchronously dispatched) *before* the computation they should overlap with, and
-routing decisions never leave the device. Calls that need most experts of a block (prefill) copy just
+routing decisions stay on the device until the copy itself reads them. `EngineConfig.copy_method` picks
+how (see `fetch`): copy-engine transfers through the native custom calls ("dma", the default on a GPU),
+which overlap computation, or XLA's own host-reading copy kernels ("xla"), which do not. Calls that need most experts of a block (prefill) copy just
 the routed experts (`prefill_routed_only`), or whole blocks as contiguous ranges, streamed through a
 bounded buffer when a budget is set.
 """
@@ -19,11 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pregated_jax import native
 from pregated_jax.engine import fetch as F
 from pregated_jax.engine.placement import ModelProgram, Memories, StackProgram, cross_kv, predict_decision
 from pregated_jax.engine.search import (all_finished, beam_step, best_sequences, greedy_step, init_search,
@@ -50,6 +54,12 @@ class EngineConfig:
     prefill_routed_only: calls that need most experts of a block (prefill) copy only the routed ones
       (default), or, if False, whole blocks as contiguous ranges (fewer, larger copies at the link's full
       bandwidth, but more bytes). Budgeted calls without a cache always stream whole blocks in chunks.
+    copy_method: how experts routed per call are copied (`fetch.COPY_METHODS`): "dma" (the native
+      copy-engine custom calls; they overlap computation), "xla" (XLA's copy kernels, no native code), or
+      "auto" (default): on a GPU where the native library builds, "dma" for prefetches and prefill, "xla"
+      for the few experts a decode step fetches on demand (nothing to overlap there, and XLA's kernels
+      skip the host round trip); "xla" elsewhere. Cache lookups, whole blocks and prefetch-all always use
+      XLA's copies (gpu-only and prefetch-all copy no routed experts: they report "xla").
     """
 
     mode: str = "pregated"
@@ -60,6 +70,7 @@ class EngineConfig:
     check_every: int = 8  # decode steps between checks whether every sequence has finished
     decode_steps_per_call: int = 8
     prefill_routed_only: bool = True
+    copy_method: str = "auto"
 
     def __post_init__(self):
         if self.decode_steps_per_call < 1 or self.check_every < 1:
@@ -69,6 +80,8 @@ class EngineConfig:
             raise ValueError(f"unknown engine mode {self.mode!r}; choose one of {', '.join(MODES)}")
         if self.cache_policy is not None and self.cache_policy not in F.POLICIES:
             raise ValueError(f"unknown cache policy {self.cache_policy!r}; choose one of {F.POLICIES}")
+        if self.copy_method not in ("auto",) + F.COPY_METHODS:
+            raise ValueError(f"unknown copy method {self.copy_method!r}; choose auto or one of {F.COPY_METHODS}")
         if self.cache_policy is not None and self.mode in ("gpu-only", "prefetch-all"):
             raise ValueError(f"mode {self.mode!r} keeps whole blocks resident; a cache does not apply")
 
@@ -103,6 +116,9 @@ class InferenceEngine:
         self.num_experts, self.expert_bytes = some.num_experts, some.expert_bytes
         self.num_moe_blocks = len(self.program.encoder.moe_blocks) + len(self.program.decoder.moe_blocks)
         self.cache_slots = self._cache_slots()
+        # method for prefetches and dense (prefill) calls, and for decode-time fetches on demand
+        self.copy_method = self._copy_method()
+        self.on_demand_copy_method = "xla" if config.copy_method == "auto" else self.copy_method
         self.chunk = self._prefill_chunk()
         self.caches: dict = {}  # (stack, block) -> CacheState, kept across decode steps and requests
         if self.cache_slots is not None:
@@ -133,6 +149,22 @@ class InferenceEngine:
             raise ValueError(f"device_budget_bytes={c.device_budget_bytes} holds less than one expert per "
                              f"MoE block ({self.num_moe_blocks} blocks x {self.expert_bytes} bytes)")
         return int(min(slots, self.num_experts))
+
+    def _copy_method(self) -> str:
+        method = self.config.copy_method
+        if self.config.mode in ("gpu-only", "prefetch-all"):
+            return "xla"  # nothing routed is copied: experts resident, or whole blocks
+        if method == "auto":
+            if self.mem.device.platform != "gpu":
+                return "xla"
+            if native.available():
+                return "dma"
+            warnings.warn(f"copying experts with XLA's kernels, which do not overlap computation: "
+                          f"{native.unavailable_reason()}", stacklevel=3)
+            return "xla"
+        if method == "dma" and not native.available():
+            raise ValueError(f"copy_method='dma' needs the native library: {native.unavailable_reason()}")
+        return method
 
     def _prefill_chunk(self) -> int:
         c, e = self.config, self.num_experts
@@ -185,7 +217,10 @@ class InferenceEngine:
                 pending = self._prefetch(sp, nxt, guess, k, dense, ctx)
             else:
                 pending = None
-            x = self._experts(sp, i, x, h, decision, prefetched.pop(i, None), k, dense, ctx)
+            in_flight = pending[1] if isinstance(pending, tuple) and pending[0] == "slots" else None
+            x, h = F.order_after((x, h), in_flight)  # the next block's copies start before this block's experts
+            after = (x,) if in_flight is None or in_flight.token is None else (x, in_flight.token)
+            x = self._experts(sp, i, x, h, decision, prefetched.pop(i, None), k, dense, ctx, after)
             if pending is not None:
                 prefetched[nxt] = pending
             decision = next_decision
@@ -210,9 +245,14 @@ class InferenceEngine:
         if self.cache_slots is not None:
             self._cache_lookup(ctx, sp, i, F.needed_experts_jit(decision, k))
             return ("cache", decision)
-        slots, copied = F.fetch_decision(b.host_wi, b.host_wo, decision, k, self.mem.on_device, compact=dense)
+        pending, copied = self._start_fetch(b, decision, k, dense=dense, prefetch=True)
         ctx.add_copied(copied)
-        return ("slots", slots, decision)
+        return ("slots", pending, decision)
+
+    def _start_fetch(self, b, decision, k, exclude=None, *, dense, prefetch):
+        method = self.copy_method if prefetch or dense else self.on_demand_copy_method
+        return F.start_fetch(method, b.host_wi, b.host_wo, b.host_stacks, decision, k, self.mem.on_device,
+                             exclude, compact=dense)
 
     def _dense_routed_only(self) -> bool:
         """Whether calls that need most experts of a block copy only the routed ones (into a fresh table
@@ -221,8 +261,10 @@ class InferenceEngine:
         return (self.config.prefill_routed_only and self.chunk == self.num_experts
                 and self.cache_slots is None)
 
-    def _experts(self, sp, i, x, h, decision, prefetched, k, dense, ctx):
-        """The MoE sublayer of block i with whatever expert source the mode provides."""
+    def _experts(self, sp, i, x, h, decision, prefetched, k, dense, ctx, after=()):
+        """The MoE sublayer of block i with whatever expert source the mode provides.
+
+        after: values that waiting for block i's prefetched copies must follow (see `F.finish_fetch`)."""
         b, mode = sp.blocks[i], self.config.mode
         if mode == "gpu-only":  # the "host" stacks are on the device in this mode
             return b.ffn_output(x, h, decision, F.ExpertSlots(b.host_wi, b.host_wo, None))
@@ -239,17 +281,16 @@ class InferenceEngine:
             state = self._cache_lookup(ctx, sp, i, needed)  # hits for everything prefetched
             return b.ffn_output(x, h, decision, state.slots)
         if prefetched is None:  # on-demand, or the first MoE block of a stack
-            slots, copied = F.fetch_decision(b.host_wi, b.host_wo, decision, k, self.mem.on_device,
-                                             compact=dense)
+            pending, copied = self._start_fetch(b, decision, k, dense=dense, prefetch=False)
             ctx.add_copied(copied)
-            return b.ffn_output(x, h, decision, slots)
-        _, slots, guess = prefetched
+            return b.ffn_output(x, h, decision, F.finish_fetch(pending))
+        _, pending, guess = prefetched
+        slots = F.finish_fetch(pending, *after)
         if mode == "speculative":  # fetch what the guess missed
             ctx.add_speculation(F.overlap(needed, slots.expert_ids))
-            extra, copied = F.fetch_decision(b.host_wi, b.host_wo, decision, k, self.mem.on_device,
-                                             slots.expert_ids, compact=dense)
+            extra, copied = self._start_fetch(b, decision, k, slots.expert_ids, dense=dense, prefetch=False)
             ctx.add_copied(copied)
-            slots = F.merge_slots(slots, extra)
+            slots = F.merge_slots(slots, F.finish_fetch(extra))
         return b.ffn_output(x, h, decision, slots)
 
     def _stream(self, b, x, h, decision, ctx):
@@ -296,9 +337,10 @@ class InferenceEngine:
     def _step(self, program, search, kv, cross, cross_bias, caches, key_positions, num_beams):
         """One decode step for every row, traced into a single jitted function.
 
-        XLA schedules the host->device expert copies of the whole step itself. (On an H100 they still run
-        in series with the compute kernels: docs/benchmarks/h100-copy-overlap.) -> (search, kv, caches,
-        copied, speculation).
+        With copy_method "dma" each prefetch's start is ordered before the block's expert computation
+        (`F.order_after`) and its wait just before the next block's use; XLA's own copies ("xla") are
+        scheduled by XLA and run in series with the compute kernels (docs/benchmarks/h100-copy-overlap).
+        -> (search, kv, caches, copied, speculation).
         """
         cfg, dec = self.model_config, program.decoder
         ctx = RunContext(caches)

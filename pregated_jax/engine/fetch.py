@@ -1,9 +1,14 @@
 """Moving experts host -> device, driven by device-resident routing decisions.
 
-Nothing here reads a routing decision on the host: the expert ids stay on the device and a jitted
-`dynamic_index_in_dim` on the pinned-host stack selects what to copy (a host round trip per block
-serializes the pipeline; NOTES.md §3). Copies are skipped with `lax.cond` for empty slots and cache
-hits. Every function returns how many experts it copied, as a device scalar, for the statistics.
+Two copy methods fill the same slot tables (`start_fetch` / `finish_fetch`):
+- "xla": a jitted `dynamic_index_in_dim` on the pinned-host stack selects what to copy, and XLA copies it
+  with a kernel that reads host memory. Copies are skipped with `lax.cond` for empty slots and cache hits.
+  No host round trip (which would serialize the pipeline; NOTES.md §3), but on an H100 these kernels run
+  in series with the computation (docs/benchmarks/h100-copy-overlap).
+- "dma": the native custom calls (`pregated_jax.native`): the start reads the ids once the compute stream
+  has produced them and queues copy-engine transfers on a separate stream; the finish makes the compute
+  stream wait for them. Whatever runs in between overlaps the copies.
+Every function returns how many experts it copied, as a device scalar, for the statistics.
 
 The device expert cache is a per-MoE-block slot table whose bookkeeping (LRU, LFU, LIFO, FIFO) runs on
 the device as well; `cache_sim.ExpertCacheSim` is its pure-Python reference.
@@ -18,11 +23,13 @@ import jax.numpy as jnp
 from flax import struct
 from jax.sharding import SingleDeviceSharding
 
+from pregated_jax import native
 from pregated_jax.moe import ExpertSlots
 from pregated_jax.routing import RouterDecision
 
 Array = jax.Array
 POLICIES = ("lru", "lfu", "lifo", "fifo")
+COPY_METHODS = ("xla", "dma")
 
 
 def needed_experts(decision: RouterDecision, k: int) -> Array:
@@ -60,15 +67,21 @@ def fetch_decision(host_wi, host_wo, decision: RouterDecision, k: int, device: S
     how many there are instead of one `lax.cond` per slot. -> (ExpertSlots with ids -1 for unused
     slots, experts copied [int32]).
     """
-    ids = needed_experts(decision, k)
-    if exclude is not None:
-        ids = jnp.where(jnp.any(ids[:, None] == exclude[None, :], axis=-1), -1, ids)
+    ids = _ids_to_copy(decision, k, exclude)
     if compact:
         ids = _valid_first(ids)
         wi, wo = _copy_valid_slots(host_wi, host_wo, ids, device)
     else:
         wi, wo = _copy_each_slot(host_wi, host_wo, ids, device)
     return ExpertSlots(wi, wo, ids), jnp.sum(ids >= 0).astype(jnp.int32)
+
+
+def _ids_to_copy(decision, k, exclude):
+    """needed_experts [k], with the ids in `exclude` (already on the device) replaced by -1."""
+    ids = needed_experts(decision, k)
+    if exclude is not None:
+        ids = jnp.where(jnp.any(ids[:, None] == exclude[None, :], axis=-1), -1, ids)
+    return ids
 
 
 def _copy_each_slot(host_wi, host_wo, ids, device):
@@ -97,6 +110,67 @@ def _copy_valid_slots(host_wi, host_wo, ids, device):
 
     zeros = lambda a: jax.device_put(jnp.zeros((ids.shape[0],) + a.shape[1:], a.dtype), device)  # noqa: E731
     return jax.lax.fori_loop(0, jnp.sum(ids >= 0), copy_one, (zeros(host_wi), zeros(host_wo)))
+
+
+# --- the two copy methods behind one interface ------------------------------------------------------
+
+@struct.dataclass
+class PendingSlots:
+    """A slot table on its way to the device: read it only through `finish_fetch`.
+
+    token: for "dma", a scalar produced by the start; computation that should overlap the copies is
+    ordered after it (`order_after`). None for "xla", whose tables are ordinary values.
+    """
+
+    slots: ExpertSlots
+    token: Array | None = None
+
+
+def start_fetch(method: str, host_wi, host_wo, stacks, decision: RouterDecision, k: int,
+                device: SingleDeviceSharding, exclude: Array | None = None, *, compact: bool = False):
+    """Starts copying the experts `decision` needs into a fresh k-slot table (see `fetch_decision`).
+
+    stacks: the block's (wi, wo) `native.HostStack`s, for "dma". -> (PendingSlots, experts copied).
+    """
+    if method == "xla":
+        slots, copied = fetch_decision(host_wi, host_wo, decision, k, device, exclude, compact=compact)
+        return PendingSlots(slots), copied
+    if method != "dma":
+        raise ValueError(f"unknown copy method {method!r}; choose one of {COPY_METHODS}")
+    return _dma_start(stacks, decision, k, exclude)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _dma_start(stacks, decision, k, exclude):
+    ids = _ids_to_copy(decision, k, exclude)  # [k] ascending: consecutive experts become one transfer
+    (wi, wo), token = native.fetch_start(ids, list(stacks))
+    return PendingSlots(ExpertSlots(wi, wo, ids), token), jnp.sum(ids >= 0).astype(jnp.int32)
+
+
+def finish_fetch(pending: PendingSlots, *after) -> ExpertSlots:
+    """The table, safe to read. `after` (inside a traced step): values the wait must come after, so
+    that it is scheduled just before the table's use, not right after the start."""
+    if pending.token is None:
+        return pending.slots
+    if isinstance(pending.token, jax.core.Tracer):
+        wi, wo = native.fetch_done([pending.slots.wi, pending.slots.wo], *after)
+        return ExpertSlots(wi, wo, pending.slots.expert_ids)
+    return _dma_finish(pending)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _dma_finish(pending):  # donated: the tables' buffers pass through without a copy
+    wi, wo = native.fetch_done([pending.slots.wi, pending.slots.wo])
+    return ExpertSlots(wi, wo, pending.slots.expert_ids)
+
+
+def order_after(values, pending: PendingSlots | None):
+    """Inside a traced step: `values` as computed after `pending`'s start was issued, so that XLA
+    issues the start before the computation that should overlap its copies. Elsewhere: `values`."""
+    if pending is None or pending.token is None or not isinstance(pending.token, jax.core.Tracer):
+        return values
+    values, _ = jax.lax.optimization_barrier((values, pending.token))
+    return values
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4))

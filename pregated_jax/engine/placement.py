@@ -17,6 +17,7 @@ from jax.sharding import SingleDeviceSharding
 
 from pregated_jax.model import Block, CrossKV, SwitchTransformer, lm_logits, self_attention_bias
 from pregated_jax.moe import ExpertSlots
+from pregated_jax.native import HostStack
 from pregated_jax.routing import decide
 
 Array = jax.Array
@@ -76,6 +77,7 @@ class BlockProgram:
     host_wi: Array | None = None  # [E, d, ff] in host memory
     host_wo: Array | None = None  # [E, ff, d]
     router_classifier: Array | None = None  # [d, E] own gate, on the device (speculative prediction)
+    host_stacks: tuple[HostStack, HostStack] | None = struct.field(pytree_node=False, default=None)
 
     @classmethod
     def from_block(cls, block: Block, mem: Memories, dtype) -> "BlockProgram":
@@ -87,8 +89,12 @@ class BlockProgram:
             return cls(graphdef, rest, placeholder, False)
         put = lambda a, where: jax.device_put(a, where)  # noqa: E731
         router = None if block.router is None else put(block.router.classifier[...], mem.on_device)
-        return cls(graphdef, rest, placeholder, True, put(block.experts.wi[...].astype(dtype), mem.on_host),
-                   put(block.experts.wo[...].astype(dtype), mem.on_host), router)
+        host_wi = put(block.experts.wi[...].astype(dtype), mem.on_host)
+        host_wo = put(block.experts.wo[...].astype(dtype), mem.on_host)
+        # addresses for the native copies (not in gpu-only mode, whose stacks are on the device); this
+        # program keeps the arrays alive
+        stacks = (HostStack.of(host_wi), HostStack.of(host_wo)) if HostStack.readable(host_wi) else None
+        return cls(graphdef, rest, placeholder, True, host_wi, host_wo, router, stacks)
 
     @property
     def num_experts(self) -> int:

@@ -47,6 +47,7 @@ class RunStats:
     moe_block_s: list = dataclasses.field(default_factory=list)  # profile_blocks: per MoE block call
     track_memory: bool = False
     profile_blocks: bool = False
+    copy_method: str | None = None  # "xla" or "dma", and the method of decode fetches on demand if different
     _cache_baseline: tuple = (0, 0)
     _cache_at_prefill: tuple = (0, 0)
     _prefill_mark: int = 0
@@ -55,7 +56,8 @@ class RunStats:
 
     @classmethod
     def start(cls, engine, batch, beams, input_len, max_new_tokens) -> "RunStats":
-        stats = cls(engine.config.mode, batch, beams, input_len, max_new_tokens, engine.expert_bytes)
+        stats = cls(engine.config.mode, batch, beams, input_len, max_new_tokens, engine.expert_bytes,
+                    copy_method=_copy_methods(engine))
         stats._cache_baseline = _cache_counters(engine)  # caches persist across runs
         return stats
 
@@ -126,7 +128,7 @@ class RunStats:
         """A two-column markdown table of the figures that matter."""
         d = self.as_dict()
         rows = [
-            ("mode", d["mode"]), ("batch x beams", f"{self.batch} x {self.num_beams}"),
+            ("mode", f"{d['mode']} (copies: {self.copy_method})"), ("batch x beams", f"{self.batch} x {self.num_beams}"),
             ("input tokens", self.input_len), ("new tokens", d["new_tokens"]),
             ("prefill latency", f"{self.prefill_s * 1e3:.1f} ms"),
             ("decode", _rate(d["decode_tokens_per_s"])), ("end-to-end", _rate(d["end_to_end_tokens_per_s"])),
@@ -158,3 +160,9 @@ def _rate(x):
 
 def _pct(x):
     return f"{100 * x:.1f}%" if x is not None else "-"
+
+
+def _copy_methods(engine) -> str:
+    if engine.on_demand_copy_method == engine.copy_method:
+        return engine.copy_method
+    return f"{engine.copy_method}, decode on demand: {engine.on_demand_copy_method}"

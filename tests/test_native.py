@@ -1,0 +1,225 @@
+"""The native expert-copy custom calls (CPU handlers) and the "dma" fetch against numpy / the "xla" fetch."""
+
+import ctypes
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pregated_jax import native
+from pregated_jax.engine import fetch as F
+from pregated_jax.engine.placement import Memories
+from pregated_jax.routing import RouterDecision
+
+E = 8
+
+
+@pytest.fixture(scope="module")
+def stacks():
+    """Two host stacks with different dtypes and row shapes, random contents (every row distinct)."""
+    if not native.available():
+        pytest.fail(f"native library unavailable: {native.unavailable_reason()}")
+    mem = Memories.for_device()
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((E, 3, 4)).astype(jnp.bfloat16)
+    b = rng.standard_normal((E, 4, 2)).astype(np.float32)
+    host_a, host_b = jax.device_put(a, mem.on_host), jax.device_put(b, mem.on_host)
+    # the arrays are returned too: they must outlive every program that reads their addresses
+    return (host_a, host_b), (native.HostStack.of(host_a), native.HostStack.of(host_b)), (a, b)
+
+
+def reference(stack: np.ndarray, ids) -> np.ndarray:
+    """Row ids[i] of the stack in row i, zeros where ids[i] < 0 (plain numpy indexing)."""
+    ids = np.asarray(ids)
+    rows = stack[np.clip(ids, 0, None)]
+    return np.where((ids >= 0).reshape((-1,) + (1,) * (stack.ndim - 1)), rows, np.zeros_like(rows))
+
+
+def _fetch(ids, host_stacks):
+    @jax.jit
+    def f(ids):
+        tables, token = native.fetch_start(ids, list(host_stacks))
+        return native.fetch_done(tables, token), token
+
+    return f(jnp.asarray(ids, jnp.int32))
+
+
+@pytest.mark.parametrize("ids", [
+    [-1, 0, 1, 2, 5, -1, 7, -1],   # empty slots at start, middle and end; a run of consecutive ids
+    [0, 1, 2, 3, 4, 5, 6, 7],      # one run over the whole stack
+    [3, 3, 3, 4, 4, -1, -1, 2],    # repeated ids (a repeat ends a run), then a step back
+    [7, 6, 5, 4, 3, 2, 1, 0],      # descending: no run longer than one
+    [-1, -1, -1, -1],              # nothing to copy
+    [6, 7, -5, 0, 1, 1, 2, 3, 4, 5, -1, 7],  # k > E, another negative id, runs broken by a repeat
+    [5],                           # k = 1
+    [-1],                          # k = 1, empty
+])
+def test_fetch_start_done_equals_numpy_indexing(stacks, ids):
+    _, host_stacks, (a, b) = stacks
+    (got_a, got_b), token = _fetch(ids, host_stacks)
+    assert got_a.shape == (len(ids), 3, 4) and got_a.dtype == jnp.bfloat16
+    assert got_b.shape == (len(ids), 4, 2) and got_b.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(got_a).astype(np.float32), reference(a, ids).astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(got_b), reference(b, ids))
+    assert token.shape == () and int(token) == 0
+
+
+def test_one_stack_and_reuse_of_the_compiled_program(stacks):
+    """One stack alone; the same jitted program called with new ids reads the stack again."""
+    _, (_, sb), (_, b) = stacks
+    f = jax.jit(lambda ids: native.fetch_done(native.fetch_start(ids, [sb])[0])[0])
+    for ids in ([1, 2, -1], [7, 0, 0], [-1, -1, 4]):
+        np.testing.assert_array_equal(np.asarray(f(jnp.asarray(ids, jnp.int32))), reference(b, ids))
+
+
+@pytest.mark.parametrize("ids,slot,bad", [([0, 1, 8, 2], 2, 8), ([1000], 0, 1000), ([-1, 3, 2, 9], 3, 9)])
+def test_out_of_range_id_names_the_id_slot_and_range(stacks, ids, slot, bad):
+    _, host_stacks, _ = stacks
+    with pytest.raises((ValueError, jax.errors.JaxRuntimeError),
+                       match=rf"expert id {bad} at slot {slot} is out of range \[0, {E}\)"):
+        jax.block_until_ready(_fetch(ids, host_stacks))
+    # the library still works after a failed call
+    (got_a, _), _ = _fetch([1, 2], host_stacks)
+    np.testing.assert_array_equal(np.asarray(got_a).astype(np.float32),
+                                  reference(stacks[2][0], [1, 2]).astype(np.float32))
+
+
+def test_stacks_with_different_numbers_of_rows_are_rejected(stacks):
+    _, (sa, _), _ = stacks
+    other = jnp.zeros((E - 3, 4, 2), jnp.float32)
+    with pytest.raises(ValueError, match="same number of rows"):
+        native.fetch_start(jnp.zeros((2,), jnp.int32), [sa, native.HostStack.of(other)])
+
+
+def test_host_stack_describes_the_layout():
+    for shape, dtype, row_bytes in (((5, 3, 4), jnp.bfloat16, 24), ((7, 4, 2), jnp.float32, 32),
+                                    ((3, 10), jnp.int8, 10), ((1, 2, 3, 4), jnp.float32, 96)):
+        x = jnp.ones(shape, dtype)
+        s = native.HostStack.of(x)
+        assert (s.num_rows, s.row_shape, s.dtype, s.row_bytes) == (shape[0], shape[1:], np.dtype(dtype),
+                                                                    row_bytes)
+        assert s.address == x.unsafe_buffer_pointer() and s.address != 0
+
+
+def test_build_compiles_once_into_the_cache_dir(tmp_path, monkeypatch):
+    monkeypatch.delenv("PREGATED_JAX_NATIVE_LIB", raising=False)
+    monkeypatch.setenv("PREGATED_JAX_CACHE", str(tmp_path))
+    path = native.library_path()
+    assert path.parent == tmp_path / "native" and not path.exists()
+    built = native.build()
+    assert built == path and path.is_file()
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
+    mtime = path.stat().st_mtime_ns
+    os.utime(path, ns=(mtime - 10**9, mtime - 10**9))  # a rebuild would be visible even within one tick
+    assert native.build() == path and path.stat().st_mtime_ns == mtime - 10**9
+    lib = ctypes.CDLL(str(path))  # a loadable library with the four handlers
+    for symbol in ("PgjFetchStartCpu", "PgjFetchDoneCpu", "PgjFetchStartCuda", "PgjFetchDoneCuda"):
+        assert getattr(lib, symbol)
+
+
+def test_library_path_depends_on_the_cache_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("PREGATED_JAX_CACHE", str(tmp_path / "a"))
+    a = native.library_path()
+    monkeypatch.setenv("PREGATED_JAX_CACHE", str(tmp_path / "b"))
+    b = native.library_path()
+    assert a.parent == tmp_path / "a" / "native" and b.parent == tmp_path / "b" / "native" and a.name == b.name
+
+
+def test_prebuilt_library_env(tmp_path, monkeypatch):
+    missing = tmp_path / "nowhere" / "libpgj.so"
+    monkeypatch.setenv("PREGATED_JAX_NATIVE_LIB", str(missing))
+    with pytest.raises(native.NativeUnavailable, match=str(missing)):
+        native.build()
+    present = tmp_path / "libpgj.so"
+    present.write_bytes(b"")
+    monkeypatch.setenv("PREGATED_JAX_NATIVE_LIB", str(present))
+    assert native.build() == present  # taken as given, nothing compiled
+
+
+def test_main_reports_the_library(capsys):
+    assert native.main() == 0
+    out = capsys.readouterr().out
+    assert str(native.build()) in out and "CUDA handlers: no" in out
+
+
+# --- engine/fetch.py: "dma" against "xla" ------------------------------------------------------------
+
+def _decision_and_stacks():
+    """A RouterDecision over E=8 experts (as in test_device_cache) and its host stacks."""
+    mem = Memories.for_device()
+    host_wi = jax.device_put(jnp.arange(E * 2 * 3, dtype=jnp.float32).reshape(E, 2, 3) + 1, mem.on_host)
+    host_wo = jax.device_put(-jnp.arange(E * 3 * 2, dtype=jnp.float32).reshape(E, 3, 2) - 1, mem.on_host)
+    index = jnp.array([[6, 1, 6, 4, 3, 1, 0, 6, 3, 4]], jnp.int32)  # [B=1, S=10]
+    keep = jnp.array([[1, 1, 1, 1, 0, 1, 1, 1, 1, 1]], bool)  # expert 3: dropped once, kept once
+    decision = RouterDecision(expert_index=index, combine_weight=jnp.ones(index.shape), keep=keep,
+                              logits=jnp.zeros(index.shape + (E,)))
+    stacks = (native.HostStack.of(host_wi), native.HostStack.of(host_wo))
+    return mem, host_wi, host_wo, stacks, decision
+
+
+@pytest.mark.parametrize("exclude", [None, [4, 1], [0, 1, 3, 4, 6]])
+@pytest.mark.parametrize("k", [8, 3])  # k = 3 < 5 routed experts: needed_experts truncates
+def test_dma_fetch_equals_xla_fetch(exclude, k):
+    mem, host_wi, host_wo, stacks, decision = _decision_and_stacks()
+    excl = None if exclude is None else jnp.asarray(exclude, jnp.int32)
+    results = {}
+    for method in F.COPY_METHODS:
+        pending, copied = F.start_fetch(method, host_wi, host_wo, stacks, decision, k, mem.on_device, excl)
+        assert isinstance(pending, F.PendingSlots) and (pending.token is None) == (method == "xla")
+        slots = F.finish_fetch(pending)
+        results[method] = (np.asarray(slots.wi), np.asarray(slots.wo), np.asarray(slots.expert_ids), int(copied))
+    for got, want in zip(results["dma"], results["xla"]):
+        np.testing.assert_array_equal(got, want)
+    # and both against the plain reference: distinct kept experts, ascending, the excluded ones -1
+    routed = [0, 1, 3, 4, 6][:k]
+    want_ids = [e if e not in (exclude or []) else -1 for e in routed] + [-1] * (k - len(routed))
+    wi, wo, ids, copied = results["dma"]
+    assert ids.tolist() == want_ids and copied == sum(e >= 0 for e in want_ids)
+    np.testing.assert_array_equal(wi, reference(np.asarray(host_wi), want_ids))
+    np.testing.assert_array_equal(wo, reference(np.asarray(host_wo), want_ids))
+
+
+def test_dma_fetch_with_compact_holds_the_same_experts():
+    """compact (prefill) only reorders the xla table (valid slots first): the same expert -> weights map."""
+    mem, host_wi, host_wo, stacks, decision = _decision_and_stacks()
+    excl = jnp.asarray([4, 1], jnp.int32)
+    tables = {}
+    for method in F.COPY_METHODS:
+        pending, copied = F.start_fetch(method, host_wi, host_wo, stacks, decision, E, mem.on_device, excl,
+                                        compact=True)
+        slots = F.finish_fetch(pending)
+        assert int(copied) == 3
+        tables[method] = {int(e): (np.asarray(slots.wi[j]), np.asarray(slots.wo[j]))
+                          for j, e in enumerate(np.asarray(slots.expert_ids)) if e >= 0}
+    assert sorted(tables["dma"]) == sorted(tables["xla"]) == [0, 3, 6]
+    for e, (wi, wo) in tables["dma"].items():
+        np.testing.assert_array_equal(wi, tables["xla"][e][0])
+        np.testing.assert_array_equal(wo, np.asarray(host_wo)[e])
+
+
+def test_dma_fetch_inside_a_traced_step():
+    """start, order_after, finish with `after` operands, all inside one jit (the fused decode step's path)."""
+    mem, host_wi, host_wo, stacks, decision = _decision_and_stacks()
+
+    @jax.jit
+    def step(decision, x):
+        pending, copied = F.start_fetch("dma", host_wi, host_wo, stacks, decision, 6, mem.on_device)
+        x = F.order_after(x * 2, pending)
+        slots = F.finish_fetch(pending, x, pending.token)
+        return slots, copied, x
+
+    slots, copied, x = step(decision, jnp.arange(4.0))
+    want_ids = [0, 1, 3, 4, 6, -1]
+    assert np.asarray(slots.expert_ids).tolist() == want_ids and int(copied) == 5
+    np.testing.assert_array_equal(slots.wi, reference(np.asarray(host_wi), want_ids))
+    np.testing.assert_array_equal(slots.wo, reference(np.asarray(host_wo), want_ids))
+    np.testing.assert_array_equal(x, np.arange(4.0) * 2)
+    assert F.order_after("untouched", None) == "untouched"
+
+
+def test_unknown_copy_method_is_rejected():
+    mem, host_wi, host_wo, stacks, decision = _decision_and_stacks()
+    with pytest.raises(ValueError, match="unknown copy method 'teleport'"):
+        F.start_fetch("teleport", host_wi, host_wo, stacks, decision, 4, mem.on_device)
