@@ -8,6 +8,7 @@ import pytest
 from pregated_jax.engine import fetch as F
 from pregated_jax.engine.cache_sim import ExpertCacheSim
 from pregated_jax.engine.placement import Memories
+from routing_examples import ROUTED, numbered_stacks, routed_decision
 
 
 @pytest.mark.parametrize("policy", F.POLICIES)
@@ -56,19 +57,13 @@ def test_needed_experts_ignores_dropped_tokens():
 def test_compact_fetch_copies_exactly_the_routed_experts(exclude):
     """fetch_decision(compact=True) (the prefill's loop over routed experts) against a plain reference: the
     distinct kept experts minus `exclude`, each slot holding its expert's weights, empty slots zero."""
-    from pregated_jax.routing import RouterDecision
-
     mem = Memories.for_device()
-    e, k = 8, 8
-    host_wi = jax.device_put(jnp.arange(e * 2 * 3, dtype=jnp.float32).reshape(e, 2, 3) + 1, mem.on_host)
-    host_wo = jax.device_put(-jnp.arange(e * 3 * 2, dtype=jnp.float32).reshape(e, 3, 2) - 1, mem.on_host)
-    index = jnp.array([[6, 1, 6, 4, 3, 1, 0, 6, 3, 4]], jnp.int32)  # [B=1, S=10]
-    keep = jnp.array([[1, 1, 1, 1, 0, 1, 1, 1, 1, 1]], bool)  # expert 3: dropped once, kept once
-    decision = RouterDecision(expert_index=index, combine_weight=jnp.ones(index.shape), keep=keep,
-                              logits=jnp.zeros(index.shape + (e,)))
+    k = 8
+    host_wi, host_wo = numbered_stacks(mem.on_host)
+    decision = routed_decision()
     excl = None if exclude is None else jnp.asarray(exclude, jnp.int32)
     slots, copied = F.fetch_decision(host_wi, host_wo, decision, k, mem.on_device, excl, compact=True)
-    want = sorted({0, 1, 3, 4, 6} - set(exclude or []))
+    want = sorted(ROUTED - set(exclude or []))
     ids = np.asarray(slots.expert_ids)
     assert ids[:len(want)].tolist() == want and (ids[len(want):] == -1).all() and int(copied) == len(want)
     for slot, expert in enumerate(ids):

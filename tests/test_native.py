@@ -11,7 +11,7 @@ import pytest
 from pregated_jax import native
 from pregated_jax.engine import fetch as F
 from pregated_jax.engine.placement import Memories
-from pregated_jax.routing import RouterDecision
+from routing_examples import numbered_stacks, routed_decision
 
 E = 8
 
@@ -147,16 +147,11 @@ def test_main_reports_the_library(capsys):
 # --- engine/fetch.py: "dma" against "xla" ------------------------------------------------------------
 
 def _decision_and_stacks():
-    """A RouterDecision over E=8 experts (as in test_device_cache) and its host stacks."""
+    """The shared routing example (tests/routing_examples.py) with its host stacks."""
     mem = Memories.for_device()
-    host_wi = jax.device_put(jnp.arange(E * 2 * 3, dtype=jnp.float32).reshape(E, 2, 3) + 1, mem.on_host)
-    host_wo = jax.device_put(-jnp.arange(E * 3 * 2, dtype=jnp.float32).reshape(E, 3, 2) - 1, mem.on_host)
-    index = jnp.array([[6, 1, 6, 4, 3, 1, 0, 6, 3, 4]], jnp.int32)  # [B=1, S=10]
-    keep = jnp.array([[1, 1, 1, 1, 0, 1, 1, 1, 1, 1]], bool)  # expert 3: dropped once, kept once
-    decision = RouterDecision(expert_index=index, combine_weight=jnp.ones(index.shape), keep=keep,
-                              logits=jnp.zeros(index.shape + (E,)))
+    host_wi, host_wo = numbered_stacks(mem.on_host)
     stacks = (native.HostStack.of(host_wi), native.HostStack.of(host_wo))
-    return mem, host_wi, host_wo, stacks, decision
+    return mem, host_wi, host_wo, stacks, routed_decision()
 
 
 @pytest.mark.parametrize("exclude", [None, [4, 1], [0, 1, 3, 4, 6]])

@@ -12,9 +12,9 @@ Modes (NOTES.md §1; Hwang et al. 2024):
 Copies are issued (asynchronously dispatched) *before* the computation they should overlap with, and
 routing decisions stay on the device until the copy itself reads them. `EngineConfig.copy_method` picks
 how (see `fetch`): copy-engine transfers through the native custom calls ("dma", the default on a GPU),
-which overlap computation, or XLA's own host-reading copy kernels ("xla"), which do not. Calls that need most experts of a block (prefill) copy just
-the routed experts (`prefill_routed_only`), or whole blocks as contiguous ranges, streamed through a
-bounded buffer when a budget is set.
+which overlap computation, or XLA's own host-reading copy kernels ("xla"), which do not. Calls that need
+most experts of a block (prefill) copy just the routed experts (`prefill_routed_only`), or whole blocks as
+contiguous ranges, streamed through a bounded buffer when a budget is set.
 """
 
 from __future__ import annotations

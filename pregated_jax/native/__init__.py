@@ -177,8 +177,8 @@ def fetch_done(tables: list, *after):
     """-> the tables, once their copies have landed; `after` only orders the call after their producers."""
     load()
     shapes = [jax.ShapeDtypeStruct(t.shape, t.dtype) for t in tables]
-    return list(jax.ffi.ffi_call("pgj_fetch_done", shapes, input_output_aliases={i: i for i in range(len(tables))},
-                                 )(*tables, *after))
+    aliases = {i: i for i in range(len(tables))}  # the tables pass through in place
+    return list(jax.ffi.ffi_call("pgj_fetch_done", shapes, input_output_aliases=aliases)(*tables, *after))
 
 
 def main() -> int:
