@@ -114,7 +114,7 @@ def engine_worker(args):
                         moe_block_ms=moe_block_ms, compile_s=compile_s, build_s=build_s,
                         cache=args.cache, device=str(jax.devices()[0].device_kind),
                         decode_steps_per_call=engine.config.decode_steps_per_call, prefill_copy=args.prefill_copy,
-                        copy_method=engine.copy_method, on_demand_copy_method=engine.on_demand_copy_method,
+                        copy_method=engine.copy_method, miss_copy_method=engine.miss_copy_method,
                         device_budget_gib=args.device_budget_gib if args.mode == "pregated" else None)
             print("ROW " + json.dumps(best), flush=True)
 

@@ -185,7 +185,7 @@ def test_dma_copies_generate_the_reference_with_the_same_statistics(model):
         dma = InferenceEngine(model, mode=mode, copy_method="dma")
         # modes that copy nothing routed (resident experts, whole blocks) keep XLA's copies
         method = "xla" if mode in ("gpu-only", "prefetch-all") else "dma"
-        assert (dma.copy_method, dma.on_demand_copy_method) == (method, method), mode
+        assert (dma.copy_method, dma.miss_copy_method) == (method, method), mode
         greedy = run(dma, max_new_tokens=7)
         np.testing.assert_array_equal(greedy.tokens, ref, err_msg=mode)
         assert greedy.stats.copy_method == method, mode
@@ -210,18 +210,20 @@ def test_dma_fused_step_equals_block_by_block_dispatch(model):
     assert fused.stats.experts_copied > 0
 
 
-def test_dma_prefetches_with_xla_fetches_on_demand(model):
-    """What copy_method="auto" does on a GPU: prefetches and prefill through the native calls, decode-time
-    fetches on demand (first MoE block of a step, speculative misses) through XLA's copies."""
-    mode = "speculative" if model.config.routing == "conventional" else "pregated"
-    mixed = InferenceEngine(model, mode=mode, copy_method="dma")
-    mixed.on_demand_copy_method = "xla"
+def test_dma_fetches_with_xla_speculative_misses(model):
+    """What copy_method="auto" does on a GPU in speculative mode: routed fetches through the native calls,
+    the fetches of mispredicted experts through XLA's copies."""
+    if model.config.routing != "conventional":
+        pytest.skip("mispredicted experts exist only in speculative mode (conventional models)")
+    mixed = InferenceEngine(model, mode="speculative", copy_method="dma")
+    mixed.miss_copy_method = "xla"
     res = run(mixed, max_new_tokens=7)
     np.testing.assert_array_equal(res.tokens, generate(model, IDS, MASK, 7))
-    xla = run(InferenceEngine(model, mode=mode, copy_method="xla"), max_new_tokens=7)
+    xla = run(InferenceEngine(model, mode="speculative", copy_method="xla"), max_new_tokens=7)
     for field in COPY_COUNTERS:
         assert getattr(res.stats, field) == getattr(xla.stats, field), field
-    assert res.stats.copy_method == "dma, decode on demand: xla"
+    assert res.stats.speculative_needed > res.stats.speculative_hits  # some misses were fetched
+    assert res.stats.copy_method == "dma, speculative misses: xla"
 
 
 def test_copy_method_is_checked_and_resolved(model):
@@ -231,14 +233,14 @@ def test_copy_method_is_checked_and_resolved(model):
         InferenceEngine(model, mode="on-demand", copy_method="teleport")
     for method in ("xla", "dma"):
         e = InferenceEngine(model, EngineConfig(mode="on-demand", copy_method=method))
-        assert (e.copy_method, e.on_demand_copy_method) == (method, method)
+        assert (e.copy_method, e.miss_copy_method) == (method, method)
     if jax.devices()[0].platform != "cpu":
         pytest.skip("'auto' resolves to XLA's copies only off the GPU")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # on the CPU, "auto" picks XLA's copies without complaint
         auto = InferenceEngine(model, mode="on-demand")
     assert auto.config.copy_method == "auto"
-    assert (auto.copy_method, auto.on_demand_copy_method) == ("xla", "xla")
+    assert (auto.copy_method, auto.miss_copy_method) == ("xla", "xla")
 
 
 @pytest.mark.parametrize("num_beams,cache", [(1, None), (2, None), (1, "lru")])
@@ -288,14 +290,15 @@ def test_static_graphdef_hashes_once_and_compares_by_value(model):
 
 
 def test_generation_stops_at_the_first_check_after_every_row_finished():
-    """EOS at the first token: the loop stops at the first finished-check (every `check_every` steps), also
-    when one dispatch runs several steps; the output is EOS then padding."""
+    """EOS at the first token: the loop stops one dispatch after the first finished-check (every
+    `check_every` steps; its flag is read while the next dispatch runs), also when one dispatch runs
+    several steps; the output is EOS then padding."""
     base = get_preset("tiny", routing="pregated", num_experts=8, expert_capacity=6)
     first = run(InferenceEngine(SwitchTransformer(base, rngs=nnx.Rngs(0)), mode="pregated"), max_new_tokens=1)
     eos = int(first.tokens[0, 0])
     ids, mask = IDS[:1], MASK[:1]
     model = SwitchTransformer(base.replace(eos_token_id=eos), rngs=nnx.Rngs(0))  # same weights, new EOS
-    for per_call, steps in ((1, 2), (3, 3)):
+    for per_call, steps in ((1, 3), (3, 6)):
         engine = InferenceEngine(model, mode="pregated", check_every=2, decode_steps_per_call=per_call)
         with jax.transfer_guard("disallow"):
             res = engine.generate(ids, mask, max_new_tokens=9)

@@ -47,7 +47,7 @@ class RunStats:
     moe_block_s: list = dataclasses.field(default_factory=list)  # profile_blocks: per MoE block call
     track_memory: bool = False
     profile_blocks: bool = False
-    copy_method: str | None = None  # "xla" or "dma", and the method of decode fetches on demand if different
+    copy_method: str | None = None  # "xla" or "dma", and the method of speculative misses if different
     _cache_baseline: tuple = (0, 0)
     _cache_at_prefill: tuple = (0, 0)
     _prefill_mark: int = 0
@@ -163,6 +163,6 @@ def _pct(x):
 
 
 def _copy_methods(engine) -> str:
-    if engine.on_demand_copy_method == engine.copy_method:
+    if engine.miss_copy_method == engine.copy_method:
         return engine.copy_method
-    return f"{engine.copy_method}, decode on demand: {engine.on_demand_copy_method}"
+    return f"{engine.copy_method}, speculative misses: {engine.miss_copy_method}"

@@ -13,9 +13,14 @@
 // On a CUDA device, start only enqueues, on XLA's compute stream, a copy of the ids to pinned host memory
 // and an event, and hands the rest to a worker thread: it waits for the event (the routing decision has
 // been computed), then enqueues the row copies as copy-engine transfers on a separate copy stream and
-// records a second event. Consecutive expert ids become one transfer. Done blocks XLA's thread until the
-// worker has enqueued the copies, then makes the compute stream wait for them. So XLA goes on launching
-// the computation between start and done, which runs on the SMs while the copy engine moves the bytes.
+// marks them done. Consecutive expert ids become one transfer. Done makes the compute stream wait for that
+// mark without blocking XLA's thread: the copy stream advances a counter in device memory after each
+// start's copies (cuStreamWriteValue32) and the compute stream waits for the start's value
+// (cuStreamWaitValue32). So XLA goes on launching the computation between start and done, and the
+// program after it, which runs on the SMs while the copy engine moves the bytes. Where the driver lacks
+// stream memory operations (or PREGATED_JAX_DMA_HOST_WAIT=1), done instead blocks XLA's thread until the
+// worker has enqueued the copies, then makes the compute stream wait for their event. A failure the
+// worker meets after its done has returned (an id out of range) is reported by the next start or done.
 // (Copies that XLA emits itself for a device-side index are kernels reading host memory; they run in
 // series with the computation: docs/benchmarks/h100-copy-overlap.) The CUDA driver is opened with dlopen,
 // so the same library loads on machines without one, where only the CPU handlers are used.
@@ -28,6 +33,7 @@
 #include <algorithm>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <thread>
@@ -151,7 +157,7 @@ using CUcontext = void*;
 struct Driver {
   CUresult (*ctx_get_current)(CUcontext*) = nullptr;
   CUresult (*ctx_set_current)(CUcontext) = nullptr;
-  CUresult (*event_synchronize)(CUevent) = nullptr;
+  CUresult (*event_query)(CUevent) = nullptr;
   CUresult (*stream_create)(CUstream*, unsigned) = nullptr;
   CUresult (*stream_synchronize)(CUstream) = nullptr;
   CUresult (*stream_wait_event)(CUstream, CUevent, unsigned) = nullptr;
@@ -162,6 +168,10 @@ struct Driver {
   CUresult (*memcpy_dtod)(CUdeviceptr, CUdeviceptr, size_t, CUstream) = nullptr;
   CUresult (*memset_d8)(CUdeviceptr, unsigned char, size_t, CUstream) = nullptr;
   CUresult (*mem_host_alloc)(void**, size_t, unsigned) = nullptr;
+  CUresult (*mem_alloc)(CUdeviceptr*, size_t) = nullptr;
+  // Stream memory operations (optional): a stream waits on / writes a 32-bit value in device memory.
+  CUresult (*stream_wait_value32)(CUstream, CUdeviceptr, uint32_t, unsigned) = nullptr;
+  CUresult (*stream_write_value32)(CUstream, CUdeviceptr, uint32_t, unsigned) = nullptr;
   CUresult (*get_error_string)(CUresult, const char**) = nullptr;
   std::string error;
 
@@ -179,7 +189,7 @@ struct Driver {
       };
       load(d->ctx_get_current, "cuCtxGetCurrent");
       load(d->ctx_set_current, "cuCtxSetCurrent");
-      load(d->event_synchronize, "cuEventSynchronize");
+      load(d->event_query, "cuEventQuery");
       load(d->stream_create, "cuStreamCreate");
       load(d->stream_synchronize, "cuStreamSynchronize");
       load(d->stream_wait_event, "cuStreamWaitEvent");
@@ -191,6 +201,14 @@ struct Driver {
       load(d->memset_d8, "cuMemsetD8Async");
       load(d->mem_host_alloc, "cuMemHostAlloc");
       load(d->get_error_string, "cuGetErrorString");
+      load(d->mem_alloc, "cuMemAlloc_v2");
+      auto optional = [&](auto& fn, const char* v2, const char* v1) {
+        void* f = dlsym(lib, v2);
+        if (f == nullptr) f = dlsym(lib, v1);
+        fn = reinterpret_cast<std::remove_reference_t<decltype(fn)>>(f);
+      };
+      optional(d->stream_wait_value32, "cuStreamWaitValue32_v2", "cuStreamWaitValue32");
+      optional(d->stream_write_value32, "cuStreamWriteValue32_v2", "cuStreamWriteValue32");
       return d;
     }();
     return *d;
@@ -209,21 +227,40 @@ ffi::Error CudaError(CUresult r, const char* what) {
     if (r_ != 0) return CudaError(r_, what);     \
   } while (0)
 
+// Per CUDA context: the copy stream and, where the driver supports stream memory operations, a counter
+// in device memory that the copy stream advances after each start's copies (see Copier::Done).
+struct Channel {
+  CUstream copy_stream = nullptr;
+  CUdeviceptr counter = 0;  // 0: no stream memory operations; dones block the host instead
+  uint32_t next_seq = 0;
+};
+
 // One start's copies, from the start (which only enqueues reading the ids) to the done.
 struct Ticket {
   CUcontext ctx = nullptr;
-  CUstream copy_stream = nullptr;
+  Channel* channel = nullptr;
   CUevent ids_ready = nullptr;  // recorded on the compute stream after the ids' device->host copy
   CUevent copied = nullptr;     // recorded on the copy stream after the tables' copies
   int32_t* ids = nullptr;       // pinned host memory, capacity `capacity`
   size_t capacity = 0, k = 0;
   int64_t num_rows = 0;
+  uint32_t seq = 0;  // the counter value the copy stream writes once these copies have landed
   std::vector<const char*> src;
   std::vector<CUdeviceptr> dst;
   std::vector<size_t> rows;
-  bool enqueued = false;  // the worker has enqueued the copies and recorded `copied` (or failed)
+  bool enqueued = false;  // the worker has enqueued the copies and marked them (or failed)
+  bool done = false;      // the done has run (with a counter, it does not wait for `enqueued`)
   std::string error;
 };
+
+// Forces dones to block the host even where the counter works (for measurements).
+bool HostWaitForced() {
+  static const bool forced = [] {
+    const char* v = std::getenv("PREGATED_JAX_DMA_HOST_WAIT");
+    return v != nullptr && v[0] != '\0' && v[0] != '0';
+  }();
+  return forced;
+}
 
 // The worker: waits until a ticket's ids have reached the host, then enqueues its copies. It runs beside
 // XLA's thread, which meanwhile goes on launching the computation (a start never blocks it).
@@ -255,16 +292,12 @@ class Copier {
       t->ids = static_cast<int32_t*>(p);
       if (CUresult r = cu.event_create(&t->ids_ready, 2)) return ffi::Unexpected(CudaError(r, "cuEventCreate"));
       if (CUresult r = cu.event_create(&t->copied, 2)) return ffi::Unexpected(CudaError(r, "cuEventCreate"));
-      lock.lock();
-      CUstream& stream = copy_streams_[ctx];  // one copy stream per context, so copies stay in order
-      if (stream == nullptr) {
-        if (CUresult r = cu.stream_create(&stream, /*CU_STREAM_NON_BLOCKING=*/1)) return ffi::Unexpected(CudaError(r, "cuStreamCreate"));
-      }
-      t->copy_stream = stream;
-      lock.unlock();
+      auto channel = GetChannel(ctx);
+      if (!channel.has_value()) return ffi::Unexpected(channel.error());
+      t->channel = *channel;
     }
     t->k = k;
-    t->enqueued = false;
+    t->enqueued = t->done = false;
     t->error.clear();
     t->src.clear();
     t->dst.clear();
@@ -275,6 +308,7 @@ class Copier {
   // Hands the ticket to the worker; `key` (its first table) is how the done finds it.
   void Submit(CUdeviceptr key, Ticket* t) {
     std::lock_guard<std::mutex> lock(mu_);
+    t->seq = ++t->channel->next_seq;  // in queue order: the worker marks tickets in this order
     in_flight_[key] = t;
     queue_.push_back(t);
     if (!thread_started_) {
@@ -284,33 +318,108 @@ class Copier {
     cv_.notify_all();
   }
 
-  // Blocks until the worker has enqueued the ticket of table `key`; removes it. nullptr: unknown key.
-  Ticket* Wait(CUdeviceptr key) {
+  // Makes `stream` wait for the copies into table `key`. With a counter, the stream waits on the device
+  // for the copy stream to pass the ticket's mark, and XLA's thread goes on at once (so it can run a
+  // whole program ahead of the GPU). Without one, the thread blocks until the worker has enqueued the
+  // copies, then the stream waits on their event.
+  ffi::Error Done(CUstream stream, CUdeviceptr key) {
+    Driver& cu = Driver::Get();
     std::unique_lock<std::mutex> lock(mu_);
     auto it = in_flight_.find(key);
-    if (it == in_flight_.end()) return nullptr;
+    if (it == in_flight_.end()) {
+      return ffi::Error::Internal("pgj_fetch_done: its tables did not come from pgj_fetch_start");
+    }
     Ticket* t = it->second;
-    cv_.wait(lock, [t] { return t->enqueued; });
     in_flight_.erase(it);
-    return t;
+    if (t->channel->counter != 0 && !HostWaitForced()) {
+      const CUdeviceptr counter = t->channel->counter;
+      const uint32_t seq = t->seq;
+      std::string error = t->enqueued ? t->error : "";
+      t->done = true;
+      if (t->enqueued) ReleaseLocked(t);  // else the worker releases it
+      if (error.empty()) error = TakeLaterError();
+      lock.unlock();
+      if (!error.empty()) return ffi::Error::InvalidArgument(error);
+      PGJ_CU(cu.stream_wait_value32(stream, counter, seq, /*CU_STREAM_WAIT_VALUE_GEQ=*/0), "cuStreamWaitValue32");
+      return ffi::Error::Success();
+    }
+    cv_.wait(lock, [t] { return t->enqueued; });
+    lock.unlock();
+    const std::string error = t->error;
+    CUresult waited = 0;
+    if (error.empty()) {
+      waited = cu.stream_wait_event(stream, t->copied, 0);
+    } else {
+      cu.stream_synchronize(t->channel->copy_stream);  // nothing of it may still be running
+    }
+    lock.lock();
+    t->done = true;
+    ReleaseLocked(t);  // after the wait: a reuse re-records its events
+    lock.unlock();
+    if (!error.empty()) return ffi::Error::InvalidArgument(error);
+    if (waited != 0) return CudaError(waited, "cuStreamWaitEvent");
+    return ffi::Error::Success();
   }
 
   // A new start writes to `key` while an older ticket for it was never waited for (its program failed
   // between start and done): let the old copies finish before the memory is written again.
   void Drain(CUdeviceptr key) {
-    Ticket* old = Wait(key);
-    if (old != nullptr) {
-      Driver::Get().stream_synchronize(old->copy_stream);
-      Release(old);
-    }
+    std::unique_lock<std::mutex> lock(mu_);
+    auto it = in_flight_.find(key);
+    if (it == in_flight_.end()) return;
+    Ticket* t = it->second;
+    in_flight_.erase(it);
+    cv_.wait(lock, [t] { return t->enqueued; });
+    t->done = true;
+    ReleaseLocked(t);
+    CUstream copy_stream = t->channel->copy_stream;
+    lock.unlock();
+    Driver::Get().stream_synchronize(copy_stream);
   }
 
   void Release(Ticket* t) {
     std::lock_guard<std::mutex> lock(mu_);
-    free_.push_back(t);
+    ReleaseLocked(t);
+  }
+
+  // An error a worker met after its ticket's done had returned: reported by the next start or done.
+  std::string TakeLaterError() {
+    std::string e;
+    e.swap(later_error_);
+    return e;
+  }
+
+  std::string TakeLaterErrorLocking() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return TakeLaterError();
   }
 
  private:
+  void ReleaseLocked(Ticket* t) { free_.push_back(t); }
+
+  // The context's channel; probes once whether the driver runs stream memory operations.
+  ffi::ErrorOr<Channel*> GetChannel(CUcontext ctx) {
+    Driver& cu = Driver::Get();
+    std::lock_guard<std::mutex> lock(mu_);
+    Channel*& channel = channels_[ctx];
+    if (channel != nullptr) return channel;
+    auto* c = new Channel();
+    if (CUresult r = cu.stream_create(&c->copy_stream, /*CU_STREAM_NON_BLOCKING=*/1)) {
+      delete c;
+      return ffi::Unexpected(CudaError(r, "cuStreamCreate"));
+    }
+    CUdeviceptr counter = 0;
+    if (cu.stream_wait_value32 != nullptr && cu.stream_write_value32 != nullptr && cu.mem_alloc(&counter, 4) == 0 &&
+        cu.memset_d8(counter, 0, 4, c->copy_stream) == 0 &&
+        cu.stream_write_value32(c->copy_stream, counter, 0, 0) == 0 &&
+        cu.stream_wait_value32(c->copy_stream, counter, 0, /*GEQ*/ 0) == 0 &&
+        cu.stream_synchronize(c->copy_stream) == 0) {
+      c->counter = counter;
+    }
+    channel = c;
+    return channel;
+  }
+
   void Run() {
     Driver& cu = Driver::Get();
     CUcontext current = nullptr;
@@ -327,18 +436,37 @@ class Copier {
         current = t->ctx;
       }
       Enqueue(cu, t);
+      const CUstream copy_stream = t->channel->copy_stream;
+      const CUdeviceptr counter = t->channel->counter;
+      const uint32_t seq = t->seq;
       {
         std::lock_guard<std::mutex> lock(mu_);
         t->enqueued = true;
+        if (t->done) {  // its done has returned already: report a failure later, recycle the ticket
+          if (!t->error.empty() && later_error_.empty()) later_error_ = t->error;
+          ReleaseLocked(t);
+        }
       }
       cv_.notify_all();
+      // Advanced after the failure is on record (so whoever the mark releases sees it), failed or not
+      // (so that no stream waits forever).
+      if (counter != 0) {
+        if (CUresult r = cu.stream_write_value32(copy_stream, counter, seq, 0)) {
+          std::lock_guard<std::mutex> lock(mu_);
+          if (later_error_.empty()) later_error_ = CudaError(r, "cuStreamWriteValue32").message();
+        }
+      }
     }
   }
 
   static void Enqueue(Driver& cu, Ticket* t) {
     // Everything the compute stream ran before the start is done once the ids are here, including
     // earlier users of the tables' memory.
-    if (CUresult r = cu.event_synchronize(t->ids_ready)) {
+    // Polled, not cuEventSynchronize: under XLA's blocking-sync context a sleeping wait wakes tens of
+    // microseconds late, and every microsecond here delays the copy.
+    CUresult r;
+    while ((r = cu.event_query(t->ids_ready)) == /*CUDA_ERROR_NOT_READY=*/600) std::this_thread::yield();
+    if (r != 0) {
       t->error = CudaError(r, "waiting for the expert ids").message();
       return;
     }
@@ -346,30 +474,32 @@ class Copier {
       t->error = err.message();
       return;
     }
+    CUstream copy_stream = t->channel->copy_stream;
     for (size_t n = 0; n < t->src.size(); ++n) {
       const size_t row = t->rows[n];
       CUresult failed = 0;
       ForEachRun(
           t->ids, t->k,
           [&](size_t slot, size_t e, size_t count) {
-            if (CUresult r = cu.memcpy_htod(t->dst[n] + slot * row, t->src[n] + e * row, count * row, t->copy_stream)) failed = r;
+            if (CUresult r = cu.memcpy_htod(t->dst[n] + slot * row, t->src[n] + e * row, count * row, copy_stream)) failed = r;
           },
           [&](size_t slot, size_t count) {
-            if (CUresult r = cu.memset_d8(t->dst[n] + slot * row, 0, count * row, t->copy_stream)) failed = r;
+            if (CUresult r = cu.memset_d8(t->dst[n] + slot * row, 0, count * row, copy_stream)) failed = r;
           });
       if (failed != 0) {
         t->error = CudaError(failed, "enqueueing an expert copy").message();
         return;
       }
     }
-    if (CUresult r = cu.event_record(t->copied, t->copy_stream)) t->error = CudaError(r, "cuEventRecord").message();
+    if (CUresult r = cu.event_record(t->copied, copy_stream)) t->error = CudaError(r, "cuEventRecord").message();
   }
 
   std::mutex mu_;
   std::condition_variable cv_;
   std::vector<Ticket*> queue_, free_;
   std::unordered_map<CUdeviceptr, Ticket*> in_flight_;
-  std::unordered_map<CUcontext, CUstream> copy_streams_;
+  std::unordered_map<CUcontext, Channel*> channels_;
+  std::string later_error_;
   bool thread_started_ = false;
 };
 
@@ -380,9 +510,10 @@ ffi::Error StartCuda(void* stream, ffi::Buffer<ffi::S32> ids, ffi::RemainingRets
   if (!plan.has_value()) return plan.error();
   Driver& cu = Driver::Get();
   if (!cu.error.empty()) return ffi::Error::Internal("pgj_fetch_start: " + cu.error);
+  Copier& copier = Copier::Get();
+  if (std::string later = copier.TakeLaterErrorLocking(); !later.empty()) return ffi::Error::InvalidArgument(later);
   CUcontext ctx = nullptr;
   if (cu.ctx_get_current(&ctx) != 0 || ctx == nullptr) return ffi::Error::Internal("pgj_fetch_start: no current CUDA context");
-  Copier& copier = Copier::Get();
   const CUdeviceptr key = reinterpret_cast<CUdeviceptr>(plan->dst[0]);
   copier.Drain(key);
   auto acquired = copier.Acquire(ctx, k);
@@ -414,15 +545,9 @@ ffi::Error DoneCuda(void* stream, ffi::RemainingArgs args, ffi::RemainingRets re
   }
   auto first = args.get<ffi::AnyBuffer>(0);
   if (!first.has_value()) return first.error();
-  Copier& copier = Copier::Get();
-  Ticket* t = copier.Wait(reinterpret_cast<CUdeviceptr>(first->untyped_data()));
-  if (t == nullptr) return ffi::Error::Internal("pgj_fetch_done: its tables did not come from pgj_fetch_start");
-  std::string error = t->error;
-  CUresult waited = error.empty() ? cu.stream_wait_event(stream, t->copied, 0) : 0;
-  if (!error.empty()) cu.stream_synchronize(t->copy_stream);  // nothing of it may still be running
-  copier.Release(t);
-  if (!error.empty()) return ffi::Error::InvalidArgument(error);
-  if (waited != 0) return CudaError(waited, "cuStreamWaitEvent");
+  if (ffi::Error err = Copier::Get().Done(stream, reinterpret_cast<CUdeviceptr>(first->untyped_data())); err.failure()) {
+    return err;
+  }
   for (size_t n = 0; n < rets.size(); ++n) {
     auto in = args.get<ffi::AnyBuffer>(n);
     auto out = rets.get<ffi::AnyBuffer>(n);
