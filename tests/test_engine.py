@@ -1,5 +1,6 @@
 """The offload engine: every mode generates exactly the reference tokens, with no implicit transfer."""
 
+import re
 import warnings
 
 import jax
@@ -196,6 +197,35 @@ def test_dma_copies_generate_the_reference_with_the_same_statistics(model):
             assert greedy.stats.experts_copied > greedy.stats.prefill_experts_copied > 0, mode
         beams = run(dma, max_new_tokens=5, num_beams=3)
         np.testing.assert_array_equal(beams.tokens, beam_ref, err_msg=mode)
+
+
+def _custom_calls(hlo: str, target: str) -> list[tuple[str, list[str]]]:
+    """(name, operand names) of every custom call to `target` in compiled HLO text, in schedule order."""
+    calls = re.findall(r"%(\S+) = .*? custom-call\(([^)]*)\), custom_call_target=\"" + target + "\"", hlo)
+    return [(name, [o.strip().lstrip("%") for o in ops.split(",") if o.strip()]) for name, ops in calls]
+
+
+@pytest.mark.parametrize("routing", ["pregated", "conventional"])
+def test_dma_first_block_fetch_is_queued_before_the_next_prefetch(routing):
+    """In the fused decode step, the first MoE block has no prefetch: its own fetch must reach the copy stream
+    before the next block's prefetch, or it waits behind those copies. XLA orders independent custom calls
+    as it likes, so the prefetch's start must take the own start's token as an operand."""
+    cfg = get_preset("tiny", routing=routing, num_experts=8, expert_capacity=6)
+    engine = InferenceEngine(SwitchTransformer(cfg, rngs=nnx.Rngs(0)), copy_method="dma", decode_steps_per_call=1,
+                             mode="pregated" if routing == "pregated" else "speculative")
+    step, captured = engine._decode_step, []
+    engine._decode_step = lambda *args: captured.append(args) or step(*args)
+    engine.generate(IDS[:1], MASK[:1], max_new_tokens=1)
+    hlo = step.lower(*captured[0]).compile().as_text()
+    starts = _custom_calls(hlo, "pgj_fetch_start")
+    tokens = {m[0]: m[1] for m in re.findall(r"%(\S+) = s32\[\] get-tuple-element\(%(\S+)\), index=2", hlo)}
+    names = [name for name, _ in starts]
+    # the decoder of the tiny model has 2 MoE blocks: block 1's own fetch, block 2's prefetch (+ misses)
+    own, prefetch = names[0], names[1]
+    assert [tokens.get(o) for o in dict(starts)[prefetch]][1:] == [own], starts
+    # and block 1's wait comes after block 2's start (the copies overlap block 1's computation)
+    done = _custom_calls(hlo, "pgj_fetch_done")
+    assert any(prefetch in [tokens.get(o) for o in ops] for _, ops in done), done
 
 
 def test_dma_fused_step_equals_block_by_block_dispatch(model):

@@ -212,17 +212,18 @@ class InferenceEngine:
             # Issue the next block's copies before this block's expert computation, once the blocks
             # before this one are done (their expert buffers freed): at most two blocks in flight.
             _backpressure(x)
+            own = None
             if nxt is not None and i not in prefetched and self._fetches_routed(mode, dense):
                 # Nothing was prefetched for this block (the first MoE block of a stack): its own copies
-                # go first, or they would queue behind the next block's on the copy stream.
-                prefetched[i] = self._fetch_own(sp, i, decision, k, dense, ctx)
-                # XLA may reorder independent custom calls: the next block's start must come after.
-                h, next_decision = F.order_after((h, next_decision), prefetched[i][1])
+                # go first, or they would queue behind the next block's on the copy stream. The next
+                # start takes this one's token (XLA orders independent custom calls as it likes).
+                prefetched[i] = own = self._fetch_own(sp, i, decision, k, dense, ctx)
+            first = None if own is None else own[1]
             if nxt is not None and mode == "pregated":
-                pending = self._prefetch(sp, nxt, next_decision, k, dense, ctx)
+                pending = self._prefetch(sp, nxt, next_decision, k, dense, ctx, after=first)
             elif nxt is not None and mode == "speculative":
                 guess = predict_decision(sp.blocks[nxt].router_classifier, h, capacity)
-                pending = self._prefetch(sp, nxt, guess, k, dense, ctx)
+                pending = self._prefetch(sp, nxt, guess, k, dense, ctx, after=first)
             else:
                 pending = None
             in_flight = pending[1] if isinstance(pending, tuple) and pending[0] == "slots" else None
@@ -243,8 +244,10 @@ class InferenceEngine:
         ctx.add_copied(self.num_experts)
         return F.fetch_all(b.host_wi, b.host_wo, self.mem.on_device)
 
-    def _prefetch(self, sp, i, decision, k, dense, ctx):
-        """Starts copying block i's experts for a predicted/pre-gated decision (returns the handle)."""
+    def _prefetch(self, sp, i, decision, k, dense, ctx, after=None):
+        """Starts copying block i's experts for a predicted/pre-gated decision (returns the handle).
+
+        after: a PendingSlots whose copies must go first (see `F.start_fetch`)."""
         b = sp.blocks[i]
         if dense and self.chunk < self.num_experts:
             return None  # bounded buffers: stream after the gate instead
@@ -253,14 +256,14 @@ class InferenceEngine:
         if self.cache_slots is not None:
             self._cache_lookup(ctx, sp, i, F.needed_experts_jit(decision, k))
             return ("cache", decision)
-        pending, copied = self._start_fetch(b, decision, k, dense=dense)
+        pending, copied = self._start_fetch(b, decision, k, dense=dense, after=after)
         ctx.add_copied(copied)
         return ("slots", pending, decision)
 
-    def _start_fetch(self, b, decision, k, exclude=None, *, dense, miss=False):
+    def _start_fetch(self, b, decision, k, exclude=None, *, dense, miss=False, after=None):
         method = self.miss_copy_method if miss and not dense else self.copy_method
         return F.start_fetch(method, b.host_wi, b.host_wo, b.host_stacks, decision, k, self.mem.on_device,
-                             exclude, compact=dense)
+                             exclude, compact=dense, after=after)
 
     def _fetches_routed(self, mode, dense) -> bool:
         """Whether a block's experts are copied as a fresh table of routed experts (no cache, no ranges)."""

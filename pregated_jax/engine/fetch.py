@@ -127,23 +127,27 @@ class PendingSlots:
 
 
 def start_fetch(method: str, host_wi, host_wo, stacks, decision: RouterDecision, k: int,
-                device: SingleDeviceSharding, exclude: Array | None = None, *, compact: bool = False):
+                device: SingleDeviceSharding, exclude: Array | None = None, *, compact: bool = False,
+                after: PendingSlots | None = None):
     """Starts copying the experts `decision` needs into a fresh k-slot table (see `fetch_decision`).
 
-    stacks: the block's (wi, wo) `native.HostStack`s, for "dma". -> (PendingSlots, experts copied).
+    stacks: the block's (wi, wo) `native.HostStack`s, for "dma". after: inside a traced step, a fetch
+    whose copies must go first ("dma" copies run in the order their starts do; XLA orders independent
+    starts as it likes). -> (PendingSlots, experts copied).
     """
     if method == "xla":
         slots, copied = fetch_decision(host_wi, host_wo, decision, k, device, exclude, compact=compact)
         return PendingSlots(slots), copied
     if method != "dma":
         raise ValueError(f"unknown copy method {method!r}; choose one of {COPY_METHODS}")
-    return _dma_start(stacks, decision, k, exclude)
+    traced = after is not None and isinstance(after.token, jax.core.Tracer)
+    return _dma_start(stacks, decision, k, exclude, (after.token,) if traced else ())
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))
-def _dma_start(stacks, decision, k, exclude):
+def _dma_start(stacks, decision, k, exclude, after):
     ids = _ids_to_copy(decision, k, exclude)  # [k] ascending: consecutive experts become one transfer
-    (wi, wo), token = native.fetch_start(ids, list(stacks))
+    (wi, wo), token = native.fetch_start(ids, list(stacks), *after)
     return PendingSlots(ExpertSlots(wi, wo, ids), token), jnp.sum(ids >= 0).astype(jnp.int32)
 
 

@@ -5,8 +5,8 @@ source/jaxlib version with the system C++ compiler into a cache directory (like 
 `PREGATED_JAX_NATIVE_LIB` points at a prebuilt library instead), registers the handlers for the CPU and,
 when present, CUDA, and wraps the calls:
 
-    tables, token = fetch_start(ids, [HostStack, ...])   # ids [k] int32 on the device, -1 = empty slot
-    tables = fetch_done(tables, *after)                  # the tables, ready to read
+    tables, token = fetch_start(ids, [HostStack, ...], *after)  # ids [k] int32 on the device, -1 = empty
+    tables = fetch_done(tables, *after)                         # the tables, ready to read
 
 `python -m pregated_jax.native` builds and reports where the library is.
 """
@@ -154,11 +154,13 @@ class HostStack:
         return int(np.prod(self.row_shape)) * self.dtype.itemsize
 
 
-def fetch_start(ids: jax.Array, stacks: list[HostStack]):
+def fetch_start(ids: jax.Array, stacks: list[HostStack], *after):
     """Starts copying rows `ids` [k] of each stack -> (tables [k, *row_shape] per stack, token []).
 
-    Inside jit. The tables must go through `fetch_done` before they are read; the token orders work
-    after the start (e.g. through `lax.optimization_barrier`).
+    Inside jit. The tables must go through `fetch_done` before they are read. The token orders later calls
+    after this one: pass it as `after` to a later start (whose copies then queue behind these) or done.
+    `after` orders this call after their producers; XLA keeps custom-call operands, where it may drop an
+    `optimization_barrier`'s ordering.
     """
     load()
     k = ids.shape[0]
@@ -168,7 +170,7 @@ def fetch_start(ids: jax.Array, stacks: list[HostStack]):
     if len(num_rows) != 1:
         raise ValueError(f"stacks fetched together must have the same number of rows, got {num_rows}")
     out = jax.ffi.ffi_call("pgj_fetch_start", shapes)(
-        ids.astype(jnp.int32), srcs=np.array([s.address for s in stacks], np.int64),
+        ids.astype(jnp.int32), *after, srcs=np.array([s.address for s in stacks], np.int64),
         row_bytes=np.array([s.row_bytes for s in stacks], np.int64), num_rows=np.int64(num_rows.pop()))
     return list(out[:-1]), out[-1]
 

@@ -2,11 +2,12 @@
 //
 // Two XLA FFI custom calls, used as a pair inside a jitted program:
 //
-//   pgj_fetch_start(ids s32[k]) -> (out_0 [k, ...], ..., out_{n-1} [k, ...], token s32[])
+//   pgj_fetch_start(ids s32[k], *after) -> (out_0 [k, ...], ..., out_{n-1} [k, ...], token s32[])
 //     attrs: srcs (int64[n], host addresses of n stacks [E, ...]), row_bytes (int64[n], bytes of one
 //            stack row), num_rows (int64, E)
-//   pgj_fetch_done(out_0, ..., out_{n-1}, *after) -> (out_0, ..., out_{n-1})   (outputs alias inputs;
-//     `after` are ignored operands that order the call after their producers)
+//   pgj_fetch_done(out_0, ..., out_{n-1}, *after) -> (out_0, ..., out_{n-1})   (outputs alias inputs)
+//   In both, `after` are ignored operands that order the call after their producers (e.g. an earlier
+//   start's token: starts queue their copies in the order they run).
 //
 // Row i of every out_t receives row ids[i] of stack t, or zeros where ids[i] < 0.
 //
@@ -112,8 +113,8 @@ void ForEachRun(const int32_t* ids, size_t k, Copy copy, Zero zero) {
 
 // --- CPU ----------------------------------------------------------------------------------------
 
-ffi::Error StartCpu(ffi::Buffer<ffi::S32> ids, ffi::RemainingRets rets, ffi::Span<const int64_t> srcs,
-                    ffi::Span<const int64_t> row_bytes, int64_t num_rows) {
+ffi::Error StartCpu(ffi::Buffer<ffi::S32> ids, ffi::RemainingArgs /*after*/, ffi::RemainingRets rets,
+                    ffi::Span<const int64_t> srcs, ffi::Span<const int64_t> row_bytes, int64_t num_rows) {
   const size_t k = ids.element_count();
   auto plan = MakePlan(k, rets, srcs, row_bytes);
   if (!plan.has_value()) return plan.error();
@@ -503,7 +504,7 @@ class Copier {
   bool thread_started_ = false;
 };
 
-ffi::Error StartCuda(void* stream, ffi::Buffer<ffi::S32> ids, ffi::RemainingRets rets,
+ffi::Error StartCuda(void* stream, ffi::Buffer<ffi::S32> ids, ffi::RemainingArgs /*after*/, ffi::RemainingRets rets,
                      ffi::Span<const int64_t> srcs, ffi::Span<const int64_t> row_bytes, int64_t num_rows) {
   const size_t k = ids.element_count();
   auto plan = MakePlan(k, rets, srcs, row_bytes);
@@ -566,6 +567,7 @@ ffi::Error DoneCuda(void* stream, ffi::RemainingArgs args, ffi::RemainingRets re
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PgjFetchStartCpu, StartCpu,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .RemainingArgs()
                                   .RemainingRets()
                                   .Attr<ffi::Span<const int64_t>>("srcs")
                                   .Attr<ffi::Span<const int64_t>>("row_bytes")
@@ -577,6 +579,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PgjFetchStartCuda, StartCuda,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<void*>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .RemainingArgs()
                                   .RemainingRets()
                                   .Attr<ffi::Span<const int64_t>>("srcs")
                                   .Attr<ffi::Span<const int64_t>>("row_bytes")
