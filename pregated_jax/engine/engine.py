@@ -226,8 +226,9 @@ class InferenceEngine:
                 pending = self._prefetch(sp, nxt, guess, k, dense, ctx, after=first)
             else:
                 pending = None
+            # This block's wait takes the next block's start token: that start is issued before this
+            # block's experts, so its copies overlap them.
             in_flight = pending[1] if isinstance(pending, tuple) and pending[0] == "slots" else None
-            x, h = F.order_after((x, h), in_flight)  # the next block's copies start before this block's experts
             after = (x,) if in_flight is None or in_flight.token is None else (x, in_flight.token)
             x = self._experts(sp, i, x, h, decision, prefetched.pop(i, None), k, dense, ctx, after)
             if pending is not None:
@@ -360,9 +361,9 @@ class InferenceEngine:
         """One decode step for every row, traced into a single jitted function.
 
         With copy_method "dma" each prefetch's start is ordered before the block's expert computation
-        (`F.order_after`) and its wait just before the next block's use; XLA's own copies ("xla") are
-        scheduled by XLA and run in series with the compute kernels (docs/benchmarks/h100-copy-overlap).
-        -> (search, kv, caches, copied, speculation).
+        (the block's wait takes its token) and its wait just before the next block's use; XLA's own
+        copies ("xla") are scheduled by XLA and run in series with the compute kernels
+        (docs/benchmarks/h100-copy-overlap). -> (search, kv, caches, copied, speculation).
         """
         cfg, dec = self.model_config, program.decoder
         ctx = RunContext(caches)

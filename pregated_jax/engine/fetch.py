@@ -118,8 +118,8 @@ def _copy_valid_slots(host_wi, host_wo, ids, device):
 class PendingSlots:
     """A slot table on its way to the device: read it only through `finish_fetch`.
 
-    token: for "dma", a scalar produced by the start; computation that should overlap the copies is
-    ordered after it (`order_after`). None for "xla", whose tables are ordinary values.
+    token: for "dma", a scalar produced by the start; a later start or finish that takes it as an operand
+    is ordered after this start. None for "xla", whose tables are ordinary values.
     """
 
     slots: ExpertSlots
@@ -166,15 +166,6 @@ def finish_fetch(pending: PendingSlots, *after) -> ExpertSlots:
 def _dma_finish(pending):  # donated: the tables' buffers pass through without a copy
     wi, wo = native.fetch_done([pending.slots.wi, pending.slots.wo])
     return ExpertSlots(wi, wo, pending.slots.expert_ids)
-
-
-def order_after(values, pending: PendingSlots | None):
-    """Inside a traced step: `values` as computed after `pending`'s start was issued, so that XLA
-    issues the start before the computation that should overlap its copies. Elsewhere: `values`."""
-    if pending is None or pending.token is None or not isinstance(pending.token, jax.core.Tracer):
-        return values
-    values, _ = jax.lax.optimization_barrier((values, pending.token))
-    return values
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4))
