@@ -162,9 +162,12 @@ def finish_fetch(pending: PendingSlots, *after) -> ExpertSlots:
     return _dma_finish(pending)
 
 
+# Dispatched on its own (prefill, one program per block), the done always blocks the host until the copies
+# are enqueued, even with PREGATED_JAX_DMA_DEVICE_WAIT=1: with a device-side wait, H100 switch-large-128
+# speculative prefill hung once the host got ahead of the copy worker (docs/benchmarks/h100-v6/README.md).
 @functools.partial(jax.jit, donate_argnums=0)
 def _dma_finish(pending):  # donated: the tables' buffers pass through without a copy
-    wi, wo = native.fetch_done([pending.slots.wi, pending.slots.wo])
+    wi, wo = native.fetch_done([pending.slots.wi, pending.slots.wo], host_wait=True)
     return ExpertSlots(wi, wo, pending.slots.expert_ids)
 
 

@@ -175,12 +175,18 @@ def fetch_start(ids: jax.Array, stacks: list[HostStack], *after):
     return list(out[:-1]), out[-1]
 
 
-def fetch_done(tables: list, *after):
-    """-> the tables, once their copies have landed; `after` only orders the call after their producers."""
+def fetch_done(tables: list, *after, host_wait: bool = False):
+    """-> the tables, once their copies have landed; `after` only orders the call after their producers.
+
+    The done blocks XLA's thread until the copies are enqueued, then makes the stream wait on their event.
+    With PREGATED_JAX_DMA_DEVICE_WAIT=1 it instead queues a device-side wait and returns at once (faster,
+    but it hung on an H100: docs/benchmarks/h100-v6); `host_wait=True` keeps the blocking wait even then.
+    """
     load()
     shapes = [jax.ShapeDtypeStruct(t.shape, t.dtype) for t in tables]
     aliases = {i: i for i in range(len(tables))}  # the tables pass through in place
-    return list(jax.ffi.ffi_call("pgj_fetch_done", shapes, input_output_aliases=aliases)(*tables, *after))
+    call = jax.ffi.ffi_call("pgj_fetch_done", shapes, input_output_aliases=aliases)
+    return list(call(*tables, *after, host_wait=bool(host_wait)))
 
 
 def main() -> int:

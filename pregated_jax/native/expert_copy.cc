@@ -6,6 +6,8 @@
 //     attrs: srcs (int64[n], host addresses of n stacks [E, ...]), row_bytes (int64[n], bytes of one
 //            stack row), num_rows (int64, E)
 //   pgj_fetch_done(out_0, ..., out_{n-1}, *after) -> (out_0, ..., out_{n-1})   (outputs alias inputs)
+//     attrs: host_wait (bool: block XLA's thread even where PREGATED_JAX_DMA_DEVICE_WAIT=1 asks for a
+//            device-side wait)
 //   In both, `after` are ignored operands that order the call after their producers (e.g. an earlier
 //   start's token: starts queue their copies in the order they run).
 //
@@ -14,14 +16,15 @@
 // On a CUDA device, start only enqueues, on XLA's compute stream, a copy of the ids to pinned host memory
 // and an event, and hands the rest to a worker thread: it waits for the event (the routing decision has
 // been computed), then enqueues the row copies as copy-engine transfers on a separate copy stream and
-// marks them done. Consecutive expert ids become one transfer. Done makes the compute stream wait for that
-// mark without blocking XLA's thread: the copy stream advances a counter in device memory after each
-// start's copies (cuStreamWriteValue32) and the compute stream waits for the start's value
-// (cuStreamWaitValue32). So XLA goes on launching the computation between start and done, and the
-// program after it, which runs on the SMs while the copy engine moves the bytes. Where the driver lacks
-// stream memory operations (or PREGATED_JAX_DMA_HOST_WAIT=1), done instead blocks XLA's thread until the
-// worker has enqueued the copies, then makes the compute stream wait for their event. A failure the
+// marks them done. Consecutive expert ids become one transfer. Done blocks XLA's thread until the worker
+// has enqueued the copies, then makes the compute stream wait for their event; everything launched
+// between start and done runs on the SMs while the copy engine moves the bytes. With
+// PREGATED_JAX_DMA_DEVICE_WAIT=1 (where the driver has stream memory operations) and host_wait=false,
+// done instead returns at once: the copy stream advances a counter in device memory after each start's
+// copies (cuStreamWriteValue32) and the compute stream waits for the start's value (cuStreamWaitValue32).
+// That is ~0.2 ms per decode step faster on an H100 but hung there (see Copier::Done). A failure the
 // worker meets after its done has returned (an id out of range) is reported by the next start or done.
+// PREGATED_JAX_DMA_TRACE=1 prints every start, done and worker step to stderr.
 // (Copies that XLA emits itself for a device-side index are kernels reading host memory; they run in
 // series with the computation: docs/benchmarks/h100-copy-overlap.) The CUDA driver is opened with dlopen,
 // so the same library loads on machines without one, where only the CPU handlers are used.
@@ -30,8 +33,13 @@
 // identity: the tests run the same calls and the same validation.
 
 #include <dlfcn.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <functional>
 #include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
@@ -132,7 +140,7 @@ ffi::Error StartCpu(ffi::Buffer<ffi::S32> ids, ffi::RemainingArgs /*after*/, ffi
   return ffi::Error::Success();
 }
 
-ffi::Error DoneCpu(ffi::RemainingArgs args, ffi::RemainingRets rets) {
+ffi::Error DoneCpu(ffi::RemainingArgs args, ffi::RemainingRets rets, bool /*host_wait*/) {
   if (rets.size() == 0 || args.size() < rets.size()) {
     return ffi::Error::InvalidArgument("pgj_fetch_done: expects the start's tables, then dependencies");
   }
@@ -250,17 +258,37 @@ struct Ticket {
   std::vector<CUdeviceptr> dst;
   std::vector<size_t> rows;
   bool enqueued = false;  // the worker has enqueued the copies and marked them (or failed)
-  bool done = false;      // the done has run (with a counter, it does not wait for `enqueued`)
+  bool done = false;      // the done has run (with a device wait, it does not wait for `enqueued`)
+  void* stream = nullptr;  // the compute stream of the start (for the trace)
   std::string error;
 };
 
-// Forces dones to block the host even where the counter works (for measurements).
-bool HostWaitForced() {
-  static const bool forced = [] {
-    const char* v = std::getenv("PREGATED_JAX_DMA_HOST_WAIT");
+// PREGATED_JAX_DMA_TRACE=1: one line on stderr per start, done, drain and worker step (for debugging).
+bool TraceOn() {
+  static const bool on = [] {
+    const char* v = std::getenv("PREGATED_JAX_DMA_TRACE");
     return v != nullptr && v[0] != '\0' && v[0] != '0';
   }();
-  return forced;
+  return on;
+}
+
+void Trace(const char* what, unsigned long long key, uint32_t seq, size_t k, const void* stream = nullptr) {
+  if (!TraceOn()) return;
+  const auto us = std::chrono::duration_cast<std::chrono::microseconds>(
+                      std::chrono::steady_clock::now().time_since_epoch()).count();
+  std::fprintf(stderr, "pgj %lld %s key=%llx seq=%u k=%zu stream=%p tid=%ld\n", static_cast<long long>(us), what, key,
+               seq, k, stream, static_cast<long>(syscall(SYS_gettid)));
+  std::fflush(stderr);
+}
+
+// PREGATED_JAX_DMA_DEVICE_WAIT=1: dones inside a program wait on the device (the counter) instead of blocking
+// the host. Off by default: it deadlocked on an H100 (see Copier::Done).
+bool DeviceWaitEnabled() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("PREGATED_JAX_DMA_DEVICE_WAIT");
+    return v != nullptr && v[0] != '\0' && v[0] != '0';
+  }();
+  return enabled;
 }
 
 // The worker: waits until a ticket's ids have reached the host, then enqueues its copies. It runs beside
@@ -310,6 +338,7 @@ class Copier {
   void Submit(CUdeviceptr key, Ticket* t) {
     std::lock_guard<std::mutex> lock(mu_);
     t->seq = ++t->channel->next_seq;  // in queue order: the worker marks tickets in this order
+    Trace("submit", key, t->seq, t->k, t->stream);
     in_flight_[key] = t;
     queue_.push_back(t);
     if (!thread_started_) {
@@ -319,11 +348,15 @@ class Copier {
     cv_.notify_all();
   }
 
-  // Makes `stream` wait for the copies into table `key`. With a counter, the stream waits on the device
-  // for the copy stream to pass the ticket's mark, and XLA's thread goes on at once (so it can run a
-  // whole program ahead of the GPU). Without one, the thread blocks until the worker has enqueued the
-  // copies, then the stream waits on their event.
-  ffi::Error Done(CUstream stream, CUdeviceptr key) {
+  // Makes `stream` wait for the copies into table `key`. By default XLA's thread blocks until the worker
+  // has enqueued the copies, then the stream waits on their event: the copies are always queued before
+  // anything waits for them. With PREGATED_JAX_DMA_DEVICE_WAIT=1 (and a counter), the stream instead
+  // waits on the device for the copy stream to pass the ticket's mark and XLA's thread goes on at once,
+  // so the copies may be queued after that wait. That saved ~0.1 ms per decode step on an H100, but it
+  // hung there twice (switch-large-128 speculative prefill; switch-base-128 on-demand at batch 8): most
+  // likely a false dependency, with the copy stream sharing a hardware queue
+  // (CUDA_DEVICE_MAX_CONNECTIONS) with a stream that waits behind the compute stream.
+  ffi::Error Done(CUstream stream, CUdeviceptr key, bool host_wait) {
     Driver& cu = Driver::Get();
     std::unique_lock<std::mutex> lock(mu_);
     auto it = in_flight_.find(key);
@@ -332,7 +365,8 @@ class Copier {
     }
     Ticket* t = it->second;
     in_flight_.erase(it);
-    if (t->channel->counter != 0 && !HostWaitForced()) {
+    Trace(t->enqueued ? "done(enqueued)" : "done(pending)", key, t->seq, t->k, stream);
+    if (t->channel->counter != 0 && !host_wait && DeviceWaitEnabled()) {
       const CUdeviceptr counter = t->channel->counter;
       const uint32_t seq = t->seq;
       std::string error = t->enqueued ? t->error : "";
@@ -370,7 +404,9 @@ class Copier {
     if (it == in_flight_.end()) return;
     Ticket* t = it->second;
     in_flight_.erase(it);
+    Trace("drain", key, t->seq, t->k);
     cv_.wait(lock, [t] { return t->enqueued; });
+    Trace("drained", key, t->seq, t->k);
     t->done = true;
     ReleaseLocked(t);
     CUstream copy_stream = t->channel->copy_stream;
@@ -436,7 +472,9 @@ class Copier {
         cu.ctx_set_current(t->ctx);
         current = t->ctx;
       }
+      Trace("worker-begin", t->dst.empty() ? 0 : t->dst[0], t->seq, t->k);
       Enqueue(cu, t);
+      Trace(t->error.empty() ? "worker-enqueued" : "worker-failed", t->dst.empty() ? 0 : t->dst[0], t->seq, t->k);
       const CUstream copy_stream = t->channel->copy_stream;
       const CUdeviceptr counter = t->channel->counter;
       const uint32_t seq = t->seq;
@@ -529,6 +567,7 @@ ffi::Error StartCuda(void* stream, ffi::Buffer<ffi::S32> ids, ffi::RemainingArgs
   // Only enqueued here: the ids reach the host when the compute stream gets to this point.
   CUresult r = cu.memcpy_dtoh(t->ids, reinterpret_cast<CUdeviceptr>(ids.typed_data()), k * sizeof(int32_t), stream);
   if (r == 0) r = cu.event_record(t->ids_ready, stream);
+  t->stream = stream;
   if (r == 0) r = cu.memset_d8(reinterpret_cast<CUdeviceptr>(plan->token), 0, sizeof(int32_t), stream);
   if (r != 0) {
     copier.Release(t);
@@ -538,7 +577,7 @@ ffi::Error StartCuda(void* stream, ffi::Buffer<ffi::S32> ids, ffi::RemainingArgs
   return ffi::Error::Success();
 }
 
-ffi::Error DoneCuda(void* stream, ffi::RemainingArgs args, ffi::RemainingRets rets) {
+ffi::Error DoneCuda(void* stream, ffi::RemainingArgs args, ffi::RemainingRets rets, bool host_wait) {
   Driver& cu = Driver::Get();
   if (!cu.error.empty()) return ffi::Error::Internal("pgj_fetch_done: " + cu.error);
   if (rets.size() == 0 || args.size() < rets.size()) {
@@ -546,7 +585,7 @@ ffi::Error DoneCuda(void* stream, ffi::RemainingArgs args, ffi::RemainingRets re
   }
   auto first = args.get<ffi::AnyBuffer>(0);
   if (!first.has_value()) return first.error();
-  if (ffi::Error err = Copier::Get().Done(stream, reinterpret_cast<CUdeviceptr>(first->untyped_data())); err.failure()) {
+  if (ffi::Error err = Copier::Get().Done(stream, reinterpret_cast<CUdeviceptr>(first->untyped_data()), host_wait); err.failure()) {
     return err;
   }
   for (size_t n = 0; n < rets.size(); ++n) {
@@ -573,7 +612,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PgjFetchStartCpu, StartCpu,
                                   .Attr<ffi::Span<const int64_t>>("row_bytes")
                                   .Attr<int64_t>("num_rows"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PgjFetchDoneCpu, DoneCpu, ffi::Ffi::Bind().RemainingArgs().RemainingRets());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PgjFetchDoneCpu, DoneCpu,
+                              ffi::Ffi::Bind().RemainingArgs().RemainingRets().Attr<bool>("host_wait"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PgjFetchStartCuda, StartCuda,
                               ffi::Ffi::Bind()
@@ -586,4 +626,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PgjFetchStartCuda, StartCuda,
                                   .Attr<int64_t>("num_rows"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PgjFetchDoneCuda, DoneCuda,
-                              ffi::Ffi::Bind().Ctx<ffi::PlatformStream<void*>>().RemainingArgs().RemainingRets());
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<void*>>()
+                                  .RemainingArgs()
+                                  .RemainingRets()
+                                  .Attr<bool>("host_wait"));
