@@ -223,3 +223,21 @@ def test_unknown_copy_method_is_rejected():
     mem, host_wi, host_wo, stacks, decision = _decision_and_stacks()
     with pytest.raises(ValueError, match="unknown copy method 'teleport'"):
         F.start_fetch("teleport", host_wi, host_wo, stacks, decision, 4, mem.on_device)
+
+
+@pytest.mark.parametrize("value, wanted", [(None, False), ("", False), ("0", False), ("1", True), ("yes", True)])
+def test_device_wait_is_opt_in(monkeypatch, value, wanted):
+    """Dones block the host unless PREGATED_JAX_DMA_DEVICE_WAIT asks otherwise (read as expert_copy.cc does)."""
+    if value is None:
+        monkeypatch.delenv("PREGATED_JAX_DMA_DEVICE_WAIT", raising=False)
+    else:
+        monkeypatch.setenv("PREGATED_JAX_DMA_DEVICE_WAIT", value)
+    assert native.device_wait_requested() is wanted
+
+
+@pytest.mark.parametrize("host_wait", [False, True])
+def test_done_passes_the_tables_through_in_either_wait_mode(stacks, host_wait):
+    _, (_, sb), (_, b) = stacks
+    f = jax.jit(lambda ids: native.fetch_done(native.fetch_start(ids, [sb])[0], host_wait=host_wait)[0])
+    ids = [4, -1, 0]
+    np.testing.assert_array_equal(np.asarray(f(jnp.asarray(ids, jnp.int32))), reference(b, ids))

@@ -71,6 +71,7 @@ def test_benchmark_tiny_smoke(tmp_path):
     assert not [r for r in doc["rows"] if "error" in r], doc["rows"]
     assert {r["mode"] for r in rows} == {"gpu-only", "pregated", "speculative"}
     assert all(r["new_tokens"] == 4 and r["decode_tokens_per_s"] > 0 for r in rows)
+    assert all(r["dma_wait"] is None for r in rows if r["copy_method"] != "dma")  # the wait mode only with DMA
     assert (tmp_path / "results.md").exists() and (tmp_path / "chart.png").exists()
     if peer[-1] == "on-demand":
         assert any(r["impl"] == "hf-transformers" for r in doc["rows"])

@@ -175,6 +175,12 @@ def fetch_start(ids: jax.Array, stacks: list[HostStack], *after):
     return list(out[:-1]), out[-1]
 
 
+def device_wait_requested() -> bool:
+    """Whether PREGATED_JAX_DMA_DEVICE_WAIT asks dones inside a program to wait on the device (see fetch_done)."""
+    value = os.environ.get("PREGATED_JAX_DMA_DEVICE_WAIT", "")
+    return value != "" and value[0] != "0"  # as expert_copy.cc reads it
+
+
 def fetch_done(tables: list, *after, host_wait: bool = False):
     """-> the tables, once their copies have landed; `after` only orders the call after their producers.
 
