@@ -2,6 +2,7 @@
 fetch, against numpy and the "xla" fetch."""
 
 import ctypes
+import re
 import os
 
 import jax
@@ -241,3 +242,24 @@ def test_done_passes_the_tables_through_in_either_wait_mode(stacks, host_wait):
     f = jax.jit(lambda ids: native.fetch_done(native.fetch_start(ids, [sb])[0], host_wait=host_wait)[0])
     ids = [4, -1, 0]
     np.testing.assert_array_equal(np.asarray(f(jnp.asarray(ids, jnp.int32))), reference(b, ids))
+
+
+def _done_host_wait_attrs(hlo: str) -> list[str]:
+    """The host_wait attribute of every pgj_fetch_done in a lowered program's text."""
+    return re.findall(r"custom_call @pgj_fetch_done\(.*?host_wait = (true|false)", hlo)
+
+
+def test_prefill_dones_block_the_host_and_traced_ones_follow_the_environment():
+    """A done dispatched on its own (prefill) always blocks the host (with the device wait, H100 prefill hung:
+    docs/benchmarks/h100-v6); a done inside a traced step leaves the choice to PREGATED_JAX_DMA_DEVICE_WAIT."""
+    mem, host_wi, host_wo, stacks, decision = _decision_and_stacks()
+    pending, _ = F.start_fetch("dma", host_wi, host_wo, stacks, decision, 4, mem.on_device)
+    assert _done_host_wait_attrs(F._dma_finish.lower(pending).as_text()) == ["true"]
+
+    @jax.jit
+    def step(decision):
+        pending, _ = F.start_fetch("dma", host_wi, host_wo, stacks, decision, 4, mem.on_device)
+        return F.finish_fetch(pending, pending.token)
+
+    assert _done_host_wait_attrs(step.lower(decision).as_text()) == ["false"]
+    F.finish_fetch(pending)  # every start gets its done
