@@ -2,8 +2,8 @@
 fetch, against numpy and the "xla" fetch."""
 
 import ctypes
-import re
 import os
+import re
 
 import jax
 import jax.numpy as jnp

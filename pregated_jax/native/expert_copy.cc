@@ -38,10 +38,9 @@
 
 #include <algorithm>
 #include <chrono>
-#include <cstdio>
-#include <functional>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -236,11 +235,12 @@ ffi::Error CudaError(CUresult r, const char* what) {
     if (r_ != 0) return CudaError(r_, what);     \
   } while (0)
 
-// Per CUDA context: the copy stream and, where the driver supports stream memory operations, a counter
-// in device memory that the copy stream advances after each start's copies (see Copier::Done).
+// Per CUDA context: the copy stream and, with PREGATED_JAX_DMA_DEVICE_WAIT=1 where the driver supports stream
+// memory operations, a counter in device memory that the copy stream advances after each start's copies
+// (see Copier::Done).
 struct Channel {
   CUstream copy_stream = nullptr;
-  CUdeviceptr counter = 0;  // 0: no stream memory operations; dones block the host instead
+  CUdeviceptr counter = 0;  // 0: no device wait (not asked for, or unsupported); dones block the host
   uint32_t next_seq = 0;
 };
 
@@ -263,12 +263,15 @@ struct Ticket {
   std::string error;
 };
 
+// Whether environment variable `name` is set to something other than empty or "0...".
+bool EnvFlag(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && v[0] != '\0' && v[0] != '0';
+}
+
 // PREGATED_JAX_DMA_TRACE=1: one line on stderr per start, done, drain and worker step (for debugging).
 bool TraceOn() {
-  static const bool on = [] {
-    const char* v = std::getenv("PREGATED_JAX_DMA_TRACE");
-    return v != nullptr && v[0] != '\0' && v[0] != '0';
-  }();
+  static const bool on = EnvFlag("PREGATED_JAX_DMA_TRACE");
   return on;
 }
 
@@ -284,10 +287,7 @@ void Trace(const char* what, unsigned long long key, uint32_t seq, size_t k, con
 // PREGATED_JAX_DMA_DEVICE_WAIT=1: dones inside a program wait on the device (the counter) instead of blocking
 // the host. Off by default: it deadlocked on an H100 (see Copier::Done).
 bool DeviceWaitEnabled() {
-  static const bool enabled = [] {
-    const char* v = std::getenv("PREGATED_JAX_DMA_DEVICE_WAIT");
-    return v != nullptr && v[0] != '\0' && v[0] != '0';
-  }();
+  static const bool enabled = EnvFlag("PREGATED_JAX_DMA_DEVICE_WAIT");
   return enabled;
 }
 
@@ -352,7 +352,7 @@ class Copier {
   // has enqueued the copies, then the stream waits on their event: the copies are always queued before
   // anything waits for them. With PREGATED_JAX_DMA_DEVICE_WAIT=1 (and a counter), the stream instead
   // waits on the device for the copy stream to pass the ticket's mark and XLA's thread goes on at once,
-  // so the copies may be queued after that wait. That saved ~0.1 ms per decode step on an H100, but it
+  // so the copies may be queued after that wait. That saved ~0.2 ms per decode step on an H100, but it
   // hung there twice (switch-large-128 speculative prefill; switch-base-128 on-demand at batch 8): most
   // likely a false dependency, with the copy stream sharing a hardware queue
   // (CUDA_DEVICE_MAX_CONNECTIONS) with a stream that waits behind the compute stream.
@@ -366,7 +366,7 @@ class Copier {
     Ticket* t = it->second;
     in_flight_.erase(it);
     Trace(t->enqueued ? "done(enqueued)" : "done(pending)", key, t->seq, t->k, stream);
-    if (t->channel->counter != 0 && !host_wait && DeviceWaitEnabled()) {
+    if (t->channel->counter != 0 && !host_wait) {
       const CUdeviceptr counter = t->channel->counter;
       const uint32_t seq = t->seq;
       std::string error = t->enqueued ? t->error : "";
@@ -434,7 +434,8 @@ class Copier {
  private:
   void ReleaseLocked(Ticket* t) { free_.push_back(t); }
 
-  // The context's channel; probes once whether the driver runs stream memory operations.
+  // The context's channel; where the device wait is asked for, probes once whether the driver runs stream
+  // memory operations.
   ffi::ErrorOr<Channel*> GetChannel(CUcontext ctx) {
     Driver& cu = Driver::Get();
     std::lock_guard<std::mutex> lock(mu_);
@@ -446,7 +447,8 @@ class Copier {
       return ffi::Unexpected(CudaError(r, "cuStreamCreate"));
     }
     CUdeviceptr counter = 0;
-    if (cu.stream_wait_value32 != nullptr && cu.stream_write_value32 != nullptr && cu.mem_alloc(&counter, 4) == 0 &&
+    if (DeviceWaitEnabled() && cu.stream_wait_value32 != nullptr && cu.stream_write_value32 != nullptr &&
+        cu.mem_alloc(&counter, 4) == 0 &&
         cu.memset_d8(counter, 0, 4, c->copy_stream) == 0 &&
         cu.stream_write_value32(c->copy_stream, counter, 0, 0) == 0 &&
         cu.stream_wait_value32(c->copy_stream, counter, 0, /*GEQ*/ 0) == 0 &&
