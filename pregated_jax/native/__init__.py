@@ -184,9 +184,10 @@ def device_wait_requested() -> bool:
 def fetch_done(tables: list, *after, host_wait: bool = False):
     """-> the tables, once their copies have landed; `after` only orders the call after their producers.
 
-    The done blocks XLA's thread until the copies are enqueued, then makes the stream wait on their event.
-    With PREGATED_JAX_DMA_DEVICE_WAIT=1 it instead queues a device-side wait and returns at once (faster,
-    but it hung on an H100: docs/benchmarks/h100-v6); `host_wait=True` keeps the blocking wait even then.
+    The done blocks XLA's thread (on a GPU, the one that dispatched the program) until the copies are
+    enqueued, then makes the stream wait on their event. With PREGATED_JAX_DMA_DEVICE_WAIT=1 it instead
+    queues a device-side wait and returns at once (faster, but it deadlocks on an H100:
+    docs/benchmarks/h100-v6, h100-v7); `host_wait=True` keeps the blocking wait even then.
     """
     load()
     shapes = [jax.ShapeDtypeStruct(t.shape, t.dtype) for t in tables]

@@ -22,7 +22,7 @@
 // PREGATED_JAX_DMA_DEVICE_WAIT=1 (where the driver has stream memory operations) and host_wait=false,
 // done instead returns at once: the copy stream advances a counter in device memory after each start's
 // copies (cuStreamWriteValue32) and the compute stream waits for the start's value (cuStreamWaitValue32).
-// That is ~0.2 ms per decode step faster on an H100 but hung there (see Copier::Done). A failure the
+// It saves ~0.18 ms per decode step on an H100 but deadlocks there (see Copier::Done). A failure the
 // worker meets after its done has returned (an id out of range) is reported by the next start or done.
 // PREGATED_JAX_DMA_TRACE=1 prints every start, done and worker step to stderr.
 // (Copies that XLA emits itself for a device-side index are kernels reading host memory; they run in
@@ -352,10 +352,11 @@ class Copier {
   // has enqueued the copies, then the stream waits on their event: the copies are always queued before
   // anything waits for them. With PREGATED_JAX_DMA_DEVICE_WAIT=1 (and a counter), the stream instead
   // waits on the device for the copy stream to pass the ticket's mark and XLA's thread goes on at once,
-  // so the copies may be queued after that wait. That saved ~0.2 ms per decode step on an H100, but it
-  // hung there twice (switch-large-128 speculative prefill; switch-base-128 on-demand at batch 8): most
-  // likely a false dependency, with the copy stream sharing a hardware queue
-  // (CUDA_DEVICE_MAX_CONNECTIONS) with a stream that waits behind the compute stream.
+  // so the copies may be queued after that wait. Since dones run on the thread that dispatches the
+  // program, that thread then returns long before the GPU is done, and the next dispatch is queued in
+  // time: ~0.18 ms per decode step on an H100 (docs/benchmarks/h100-v7). But it hung there
+  // (switch-large-128 speculative prefill; switch-base-128 on-demand at batch 8, reproducibly). It is not
+  // a shared hardware queue: batch 8 hung with CUDA_DEVICE_MAX_CONNECTIONS=32 too, and batch 1 ran with 1.
   ffi::Error Done(CUstream stream, CUdeviceptr key, bool host_wait) {
     Driver& cu = Driver::Get();
     std::unique_lock<std::mutex> lock(mu_);

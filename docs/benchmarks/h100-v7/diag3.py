@@ -1,0 +1,70 @@
+"""Engine decode variants. argv: preset mode out [spc=N] [copy=xla|dma] [profile]"""
+import glob, json, os, sys, time
+import numpy as np, jax
+sys.path.insert(0, os.getcwd())
+from pregated_jax.bench.random_model import random_model
+from pregated_jax.config import get_preset
+from pregated_jax.engine import InferenceEngine
+
+preset, mode, out = sys.argv[1:4]
+flags = dict(f.split("=") if "=" in f else (f, "1") for f in sys.argv[4:])
+os.makedirs(out, exist_ok=True)
+cfg = get_preset(preset, routing="conventional" if mode == "speculative" else "pregated", dtype="bfloat16")
+model = random_model(cfg, experts_on_host=mode != "gpu-only")
+eng = InferenceEngine(model, mode=mode, check_every=10**9, decode_steps_per_call=int(flags.get("spc", 8)),
+                      copy_method=flags.get("copy", "auto"))
+del model
+ids = (np.random.default_rng(0).integers(2, min(cfg.vocab_size, 32000), (1, 256), dtype=np.int32)  # as benchmark.py
+       if flags.get("ids") == "bench" else np.random.default_rng(0).integers(2, 500, (1, 256)).astype(np.int32))
+eng.generate(ids, max_new_tokens=64)
+runs = []
+for _ in range(5):
+    g = eng.generate(ids, max_new_tokens=64)
+    runs.append(dict(prefill_ms=1e3 * g.stats.prefill_s, decode_ms_per_step=1e3 * g.stats.decode_s / 64))
+res = dict(tokens=g.tokens.tolist(), preset=preset, mode=mode, flags=flags, copy=eng.copy_method,
+           xla_flags=os.environ.get("XLA_FLAGS"), runs=runs,
+           median_decode=float(np.median([r["decode_ms_per_step"] for r in runs])),
+           median_prefill=float(np.median([r["prefill_ms"] for r in runs])))
+tag = "_".join([preset, mode] + [f"{k}{v}" for k, v in flags.items()] + [os.environ.get("TAG", "")]).strip("_")
+if "profile" in flags:
+    tdir = os.path.join(out, "trace_" + tag)
+    opts = jax.profiler.ProfileOptions()
+    opts.python_tracer_level = 0
+    jax.profiler.start_trace(tdir, profiler_options=opts)
+    eng.generate(ids, max_new_tokens=64)
+    jax.profiler.stop_trace()
+    pb = glob.glob(os.path.join(tdir, "**", "*.xplane.pb"), recursive=True)
+    summary = []
+    from jax.profiler import ProfileData
+    for plane in ProfileData.from_file(pb[0]).planes:
+        for line in plane.lines:
+            evs = sorted(line.events, key=lambda e: e.start_ns)
+            if len(evs) < 5:
+                continue
+            names = {}
+            for e in evs:
+                c = names.setdefault(e.name[:70], [0, 0]); c[0] += 1; c[1] += e.duration_ns
+            top = sorted(names.items(), key=lambda kv: -kv[1][1])[:15]
+            # the last 1/2 of the events (decode), first 300 of them with start offsets, for the timeline
+            tail = evs[len(evs) // 2:][:300]
+            t0 = tail[0].start_ns if tail else 0
+            summary.append(dict(plane=plane.name, line=line.name, n=len(evs),
+                                busy_ms=sum(e.duration_ns for e in evs) / 1e6,
+                                span_ms=(max(e.end_ns for e in evs) - evs[0].start_ns) / 1e6,
+                                top=[(k, v[0], round(v[1] / 1e6, 3)) for k, v in top],
+                                timeline=[(e.name[:40], round((e.start_ns - t0) / 1e3, 1), round(e.duration_ns / 1e3, 1)) for e in tail]))
+    res["profile"] = summary
+    # the GPU lines on one clock: 4 ms from 60% into the compute stream
+    gpu = [(plane.name, line) for plane in ProfileData.from_file(pb[0]).planes if "GPU" in plane.name
+           for line in plane.lines if len(list(line.events)) > 50]
+    main = max(gpu, key=lambda pl: len(list(pl[1].events)))[1]
+    mev = sorted(main.events, key=lambda e: e.start_ns)
+    t0 = mev[int(len(mev) * 0.6)].start_ns
+    res["aligned"] = {line.name: [(e.name[:40], round((e.start_ns - t0) / 1e3, 1), round(e.duration_ns / 1e3, 1))
+                                  for e in sorted(line.events, key=lambda e: e.start_ns) if 0 <= e.start_ns - t0 < 4e6]
+                      for _, line in gpu}
+    import shutil
+    shutil.rmtree(tdir, ignore_errors=True)
+json.dump(res, open(os.path.join(out, f"diag_{tag}.json"), "w"), indent=0)
+print(json.dumps({k: v for k, v in res.items() if k not in ("profile", "tokens")}))
+print("tokens", res["tokens"][0][:16])
