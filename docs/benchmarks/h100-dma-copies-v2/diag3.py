@@ -1,4 +1,4 @@
-"""Engine decode variants. argv: preset mode out [spc=N] [copy=xla|dma] [profile]"""
+"""Engine decode variants. argv: preset mode out [spc=N] [copy=xla|dma|auto] [ids=bench] [profile]"""
 import glob, json, os, sys, time
 import numpy as np, jax
 sys.path.insert(0, os.getcwd())
@@ -14,7 +14,8 @@ model = random_model(cfg, experts_on_host=mode != "gpu-only")
 eng = InferenceEngine(model, mode=mode, check_every=10**9, decode_steps_per_call=int(flags.get("spc", 8)),
                       copy_method=flags.get("copy", "auto"))
 del model
-ids = np.random.default_rng(0).integers(2, 500, (1, 256)).astype(np.int32)
+ids = (np.random.default_rng(0).integers(2, min(cfg.vocab_size, 32000), (1, 256), dtype=np.int32)  # as benchmark.py
+       if flags.get("ids") == "bench" else np.random.default_rng(0).integers(2, 500, (1, 256)).astype(np.int32))
 eng.generate(ids, max_new_tokens=64)
 runs = []
 for _ in range(5):
