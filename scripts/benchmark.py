@@ -40,7 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--beams", nargs="+", type=int)
     p.add_argument("--input-len", type=int)
     p.add_argument("--new-tokens", type=int)
-    p.add_argument("--repeats", type=int, default=2, help="timed runs per row (best is kept)")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="timed runs per row (the best is reported; results.json keeps every run's rates)")
     p.add_argument("--cache", default=None, help="cache policy for the offload modes (default: off)")
     p.add_argument("--cache-experts", type=int, default=None)
     p.add_argument("--device-budget-gib", type=float, default=None,
@@ -105,6 +106,9 @@ def engine_worker(args):
             runs = [engine.generate(ids, max_new_tokens=args.new_tokens, num_beams=beams).stats
                     for _ in range(args.repeats)]
             best = min(runs, key=lambda s: s.prefill_s + s.decode_s).as_dict()
+            every = [s.as_dict() for s in runs]  # the spread between runs, beside the best one
+            best.update(decode_tokens_per_s_runs=[d["decode_tokens_per_s"] for d in every],
+                        end_to_end_tokens_per_s_runs=[d["end_to_end_tokens_per_s"] for d in every])
             # Memory and per-MoE-block latency in separate runs: sampling and syncing perturb timing.
             mem_stats = engine.generate(ids, max_new_tokens=args.new_tokens, num_beams=beams, track_memory=True).stats
             first_row = (batch, beams) == (args.batches[0], args.beams[0])
@@ -217,7 +221,10 @@ def write_report(out: Path, doc: dict) -> None:
     (out / "results.json").write_text(json.dumps(doc, indent=1))
     lines = [f"# Benchmark results\n", f"Machine: `{doc['machine'].get('nvidia_smi') or doc['machine'].get('device')}`, "
              f"jax {doc['machine'].get('jax')}. Command: `{doc['command']}`. "
-             f"{doc['input_len']} input tokens, {doc['new_tokens']} new tokens, random bf16 weights.\n",
+             f"{doc['input_len']} input tokens, {doc['new_tokens']} new tokens, random bf16 weights. Our rows are "
+             f"the best of the timed runs"
+             + ("; results.json has every run's rates (`*_runs`).\n"
+                if any("decode_tokens_per_s_runs" in r for r in rows) else ".\n"),
              "| preset | impl | mode | batch | beams | prefill ms | decode tok/s | end-to-end tok/s | x HF OnDemand "
              "| decode / roofline | MoE block ms | GB moved | prefill H2D GB/s | peak GiB | peak vs gpu-only |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -291,9 +298,11 @@ def main(argv=None):
     if args.worker == "peer":
         return peer_worker(args)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     if args.plot_only:
+        if not (out / "results.json").is_file():
+            raise SystemExit(f"--plot-only: no results.json in {out}")
         return write_report(out, json.loads((out / "results.json").read_text()))
+    out.mkdir(parents=True, exist_ok=True)
     command = "python scripts/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])
     doc = dict(command=command.strip(), machine=machine_info(), input_len=args.input_len,
                new_tokens=args.new_tokens, started=time.strftime("%Y-%m-%d %H:%M:%S"), rows=[])

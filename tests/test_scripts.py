@@ -1,6 +1,7 @@
 """Smoke checks of the command-line jobs: the main job (infer.py) and the benchmark's CPU configuration."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -64,7 +65,7 @@ def test_benchmark_tiny_smoke(tmp_path):
         peer = ["--peer-modes"]
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--tiny", "--out", str(tmp_path),
                            "--modes", "gpu-only", "pregated", "speculative", "--batches", "1", "--beams", "2",
-                           "--repeats", "1", *peer], capture_output=True, text=True, timeout=900)
+                           "--repeats", "2", *peer], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     doc = json.loads((tmp_path / "results.json").read_text())
     rows = [r for r in doc["rows"] if r["impl"] == "pregated-jax"]
@@ -72,9 +73,28 @@ def test_benchmark_tiny_smoke(tmp_path):
     assert {r["mode"] for r in rows} == {"gpu-only", "pregated", "speculative"}
     assert all(r["new_tokens"] == 4 and r["decode_tokens_per_s"] > 0 for r in rows)
     assert all(r["dma_wait"] is None for r in rows if r["copy_method"] != "dma")  # the wait mode only with DMA
+    for r in rows:  # every timed run is kept, and the row's rates are those of one of them (the best)
+        assert len(r["decode_tokens_per_s_runs"]) == len(r["end_to_end_tokens_per_s_runs"]) == 2
+        assert r["end_to_end_tokens_per_s"] == max(r["end_to_end_tokens_per_s_runs"])
+        assert r["decode_tokens_per_s"] in r["decode_tokens_per_s_runs"]
     assert (tmp_path / "results.md").exists() and (tmp_path / "chart.png").exists()
     if peer[-1] == "on-demand":
         assert any(r["impl"] == "hf-transformers" for r in doc["rows"])
+
+
+def test_benchmark_plot_only_redraws_a_recorded_run_and_names_a_missing_one(tmp_path):
+    """--plot-only on a committed H100 run (recorded before the per-run rates existed), and on an empty folder."""
+    shutil.copy(ROOT / "docs" / "benchmarks" / "h100-v6" / "base128-batch1" / "results.json", tmp_path)
+    script = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--plot-only", "--out"]
+    proc = subprocess.run(script + [str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    md = (tmp_path / "results.md").read_text()
+    assert "| switch-base-128 | pregated-jax | pregated | 1 | 1 | 67." in md and (tmp_path / "chart.png").exists()
+    assert "best of the timed runs." in md and "_runs" not in md  # that run kept only the best
+    missing = tmp_path / "nothing_here"
+    proc = subprocess.run(script + [str(missing)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and f"no results.json in {missing}" in proc.stderr
+    assert not missing.exists()
 
 
 def test_train_then_export_then_infer_round_trip(tmp_path):
