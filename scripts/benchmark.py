@@ -105,8 +105,8 @@ def engine_worker(args):
             compile_s = time.perf_counter() - t
             runs = [engine.generate(ids, max_new_tokens=args.new_tokens, num_beams=beams).stats
                     for _ in range(args.repeats)]
-            best = min(runs, key=lambda s: s.prefill_s + s.decode_s).as_dict()
-            every = [s.as_dict() for s in runs]  # the spread between runs, beside the best one
+            every = [s.as_dict() for s in runs]  # the spread between runs is kept beside the best one
+            best = dict(min(every, key=lambda d: d["prefill_s"] + d["decode_s"]))
             best.update(decode_tokens_per_s_runs=[d["decode_tokens_per_s"] for d in every],
                         end_to_end_tokens_per_s_runs=[d["end_to_end_tokens_per_s"] for d in every])
             # Memory and per-MoE-block latency in separate runs: sampling and syncing perturb timing.
