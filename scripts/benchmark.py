@@ -48,6 +48,8 @@ def parse_args(argv=None):
                    help="bound the engine's expert buffers (pregated mode only)")
     p.add_argument("--decode-steps-per-call", type=int, default=None,
                    help="decode steps per dispatch of the engine's jitted step (default: EngineConfig's)")
+    p.add_argument("--guess-first-block", action="store_true",
+                   help="pregated/speculative: guess the first decoder MoE block's experts (EngineConfig)")
     p.add_argument("--prefill-copy", choices=["routed", "whole"], default="routed",
                    help="prefill copies the routed experts (default) or whole MoE blocks")
     p.add_argument("--copy-method", choices=["auto", "xla", "dma"], default="auto",
@@ -92,7 +94,9 @@ def engine_worker(args):
         kw.update(device_budget_bytes=int(args.device_budget_gib * 2**30))
     if args.decode_steps_per_call is not None:
         kw.update(decode_steps_per_call=args.decode_steps_per_call)
-    engine = InferenceEngine(model, mode=args.mode, check_every=10**9,
+    if args.guess_first_block:
+        kw.update(guess_first_block=True)
+    engine = InferenceEngine(model, mode=args.mode, stop_when_finished=False,
                              prefill_routed_only=args.prefill_copy == "routed", copy_method=args.copy_method, **kw)
     del model
     build_s = time.perf_counter() - t0
@@ -119,6 +123,7 @@ def engine_worker(args):
                         moe_block_ms=moe_block_ms, compile_s=compile_s, build_s=build_s,
                         cache=args.cache, device=str(jax.devices()[0].device_kind),
                         decode_steps_per_call=engine.config.decode_steps_per_call, prefill_copy=args.prefill_copy,
+                        guess_first_block=engine.config.guess_first_block,
                         copy_method=engine.copy_method, miss_copy_method=engine.miss_copy_method,
                         dma_wait=("device" if native.device_wait_requested() else "host")
                         if engine.copy_method == "dma" else None,
@@ -152,6 +157,7 @@ def spawn(args, worker, preset, mode) -> list[dict]:
            "--copy-method", args.copy_method] + \
           ([] if args.decode_steps_per_call is None else ["--decode-steps-per-call", str(args.decode_steps_per_call)]) + \
           (["--tiny"] if args.tiny else []) + \
+          (["--guess-first-block"] if args.guess_first_block else []) + \
           (["--profile-all-rows"] if args.profile_all_rows else [])
     if args.cache:
         cmd += ["--cache", args.cache] + (["--cache-experts", str(args.cache_experts)] if args.cache_experts else [])
@@ -192,7 +198,8 @@ def machine_info() -> dict:
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """Per row: decode time over its roofline max(gpu-only decode time, decode bytes / link bandwidth),
+    """Per row: decode time over its roofline max(gpu-only decode time, decode bytes that must move / link
+    bandwidth; guesses' wasted copies do not count),
     and end-to-end speed over the HF OnDemand peer's."""
     key = lambda r: (r.get("preset"), r.get("batch"), r.get("num_beams"))  # noqa: E731
     gpu = {key(r): r for r in rows if r.get("impl") == "pregated-jax" and r.get("mode") == "gpu-only" and "error" not in r}
@@ -205,7 +212,8 @@ def add_ratios(rows: list[dict]) -> None:
             r["prefill_gb_per_s"] = r["prefill_experts_copied"] * r["expert_bytes"] / r["prefill_s"] / 1e9
         g = gpu.get(key(r))
         if g:
-            roof = max(g["decode_s"], r["decode_bytes_moved"] / (LINK_GBPS * 1e9))
+            needed = r.get("decode_bytes_needed", r["decode_bytes_moved"])  # results before h100-v8 lack it
+            roof = max(g["decode_s"], needed / (LINK_GBPS * 1e9))
             r["roofline_decode_s"] = roof
             r["decode_over_roofline"] = r["decode_s"] / roof
             if g.get("peak_device_bytes") and r.get("peak_device_bytes"):

@@ -40,7 +40,10 @@ def parse_args(argv=None):
     p.add_argument("--cache_experts", type=int, help="cache slots per MoE block")
     p.add_argument("--device_budget_gib", type=float, help="bound for the engine's expert buffers")
     p.add_argument("--decode_steps_per_call", type=int, default=EngineConfig.decode_steps_per_call,
-                   help="decode steps per dispatch (a loop inside the jitted step; same tokens)")
+                   help="decode steps per dispatch (a loop inside the jitted step that stops at EOS; same tokens)")
+    p.add_argument("--guess_first_block", action="store_true",
+                   help="pregated/speculative: start copying the first decoder MoE block's experts of the "
+                   "previous step before its gate runs (EngineConfig.guess_first_block; same tokens)")
     p.add_argument("--copy_method", choices=["auto", "xla", "dma"], default=EngineConfig.copy_method,
                    help="how routed experts are copied: dma (native copy-engine transfers that overlap "
                    "computation), xla (XLA's copy kernels), auto (dma on a GPU when it builds)")
@@ -83,7 +86,8 @@ def main(argv=None):
     mode = args.mode or ("pregated" if cfg.routing == "pregated" else "speculative")
     engine = InferenceEngine(model, mode=mode, cache_policy=args.cache, cache_experts=args.cache_experts,
                              device_budget_bytes=int(args.device_budget_gib * 2**30) if args.device_budget_gib else None,
-                             decode_steps_per_call=args.decode_steps_per_call, copy_method=args.copy_method)
+                             decode_steps_per_call=args.decode_steps_per_call, copy_method=args.copy_method,
+                             guess_first_block=args.guess_first_block)
     del model
     tok = Tokenizer(vocabulary_for(args.checkpoint))
     print(f"{cfg.num_experts} experts x {len(cfg.sparse_blocks('encoder')) + len(cfg.sparse_blocks('decoder'))} "

@@ -171,11 +171,12 @@ def test_fused_step_equals_block_by_block_dispatch(model, cache):
     eager = run(InferenceEngine(model, mode=mode, **kw), max_new_tokens=5, num_beams=2, fused=False)
     np.testing.assert_array_equal(fused.tokens, eager.tokens)
     for field in ("experts_copied", "prefill_experts_copied", "cache_hits", "cache_misses",
-                  "speculative_hits", "speculative_needed"):
+                  "speculative_hits", "speculative_needed", "speculative_wasted"):
         assert getattr(fused.stats, field) == getattr(eager.stats, field), field
 
 
-COPY_COUNTERS = ("experts_copied", "prefill_experts_copied", "speculative_hits", "speculative_needed")
+COPY_COUNTERS = ("experts_copied", "prefill_experts_copied", "speculative_hits", "speculative_needed",
+                 "speculative_wasted")
 
 
 def test_dma_copies_generate_the_reference_with_the_same_statistics(model):
@@ -205,6 +206,14 @@ def _custom_calls(hlo: str, target: str) -> list[tuple[str, list[str]]]:
     return [(name, [o.strip().lstrip("%") for o in ops.split(",") if o.strip()]) for name, ops in calls]
 
 
+def _compiled_decode_step(engine) -> str:
+    """Compiled HLO text of the engine's fused decode step, as one greedy token at batch 1 calls it."""
+    step, captured = engine._decode_step, []
+    engine._decode_step = lambda *args: captured.append(args) or step(*args)
+    engine.generate(IDS[:1], MASK[:1], max_new_tokens=1)
+    return step.lower(*captured[0]).compile().as_text()
+
+
 @pytest.mark.parametrize("routing", ["pregated", "conventional"])
 def test_dma_first_block_fetch_is_queued_before_the_next_prefetch(routing):
     """In the fused decode step, the first MoE block has no prefetch: its own fetch must reach the copy stream
@@ -213,10 +222,7 @@ def test_dma_first_block_fetch_is_queued_before_the_next_prefetch(routing):
     cfg = get_preset("tiny", routing=routing, num_experts=8, expert_capacity=6)
     engine = InferenceEngine(SwitchTransformer(cfg, rngs=nnx.Rngs(0)), copy_method="dma", decode_steps_per_call=1,
                              mode="pregated" if routing == "pregated" else "speculative")
-    step, captured = engine._decode_step, []
-    engine._decode_step = lambda *args: captured.append(args) or step(*args)
-    engine.generate(IDS[:1], MASK[:1], max_new_tokens=1)
-    hlo = step.lower(*captured[0]).compile().as_text()
+    hlo = _compiled_decode_step(engine)
     starts = _custom_calls(hlo, "pgj_fetch_start")
     tokens = {m[0]: m[1] for m in re.findall(r"%(\S+) = s32\[\] get-tuple-element\(%(\S+)\), index=2", hlo)}
     names = [name for name, _ in starts]
@@ -228,12 +234,71 @@ def test_dma_first_block_fetch_is_queued_before_the_next_prefetch(routing):
     assert any(prefetch in [tokens.get(o) for o in ops] for _, ops in done), done
 
 
-def test_dma_fused_step_equals_block_by_block_dispatch(model):
+@pytest.mark.parametrize("routing", ["pregated", "conventional"])
+def test_dma_first_block_guess_is_issued_first_and_its_misses_before_the_next_prefetch(routing):
+    """With guess_first_block, the guess's start comes before the step's computation (the embedded tokens
+    pass through pgj_order, which takes its token), the first block's misses queue behind the guess, and the
+    next block's prefetch behind the misses."""
+    cfg = get_preset("tiny", routing=routing, num_experts=8, expert_capacity=6)
+    engine = InferenceEngine(SwitchTransformer(cfg, rngs=nnx.Rngs(0)), copy_method="dma", decode_steps_per_call=1,
+                             mode="pregated" if routing == "pregated" else "speculative", guess_first_block=True)
+    hlo = _compiled_decode_step(engine)
+    starts = _custom_calls(hlo, "pgj_fetch_start")
+    tokens = {m[0]: m[1] for m in re.findall(r"%(\S+) = s32\[\] get-tuple-element\(%(\S+)\), index=2", hlo)}
+    (guess, _), (missed, missed_ops), (prefetch, prefetch_ops) = starts[:3]
+    assert [tokens.get(o) for o in missed_ops][1:] == [guess], starts
+    assert [tokens.get(o) for o in prefetch_ops][1:] == [missed], starts
+    orders = _custom_calls(hlo, "pgj_order")
+    assert len(orders) == 1 and [tokens.get(o) for o in orders[0][1]][1:] == [guess], orders
+    # the ordered tokens feed the step's computation (the embedding, fused into its first kernels)
+    readers = re.findall(r"\n\s*%\S+ = [^\n]*fusion\([^)]*%" + re.escape(orders[0][0]) + r"[,)]", hlo)
+    assert readers, "nothing reads pgj_order's result"
+
+
+def test_first_block_guess_statistics_match_a_replay_of_the_routing():
+    """Pre-gated model, batch 3, greedy: the guess for step t is the first decoder MoE block's experts of step
+    t-1. Hits, needed and wasted against a replay of that block's routing, taken from the plain model's
+    teacher-forced decoder pass over the generated tokens; the tokens equal the reference with and without
+    the guess, in the fused and the block-by-block paths, with both copy methods."""
+    cfg = get_preset("tiny", routing="pregated", num_experts=8, expert_capacity=6)
+    model = SwitchTransformer(cfg, rngs=nnx.Rngs(0))
+    steps = 5
+    ref = generate(model, IDS, MASK, steps)
+    enc, _ = model.encode(jnp.asarray(IDS), jnp.asarray(MASK))
+    inputs = np.concatenate([np.full((3, 1), cfg.decoder_start_token_id), ref[:, :-1]], axis=1)
+    _, decisions = model.decode(jnp.asarray(inputs, jnp.int32), enc, jnp.asarray(MASK))
+    routed = np.asarray(decisions[0].expert_index).reshape(3, steps)  # [rows, steps], top-1
+    assert np.asarray(decisions[0].keep).all()  # 3 rows x 1 token per step: nothing dropped
+    needed = [set(routed[:, t].tolist()) for t in range(steps)]
+    previous = [set()] + needed[:-1]
+    hits = sum(len(n & p) for n, p in zip(needed, previous))
+    wasted = sum(len(p - n) for n, p in zip(needed, previous))
+    assert 0 < hits < sum(map(len, needed))  # the replay has hits and misses
+    for kw in (dict(), dict(copy_method="dma"), dict(decode_steps_per_call=1), dict(fused=False)):
+        fused = kw.pop("fused", True)
+        res = run(InferenceEngine(model, mode="pregated", guess_first_block=True, **kw), max_new_tokens=steps,
+                  fused=fused)
+        np.testing.assert_array_equal(res.tokens, ref, err_msg=str(kw))
+        s = res.stats
+        assert (s.speculative_hits, s.speculative_needed, s.speculative_wasted) == (
+            hits, sum(map(len, needed)), wasted), kw
+        off = run(InferenceEngine(model, mode="pregated", **kw), max_new_tokens=steps, fused=fused).stats
+        assert off.speculative_needed is None
+        # the guess copies `wasted` experts more; the bytes that must move do not change
+        assert s.experts_copied == off.experts_copied + wasted, kw
+        assert s.as_dict()["decode_bytes_needed"] == off.as_dict()["decode_bytes_moved"], kw
+
+
+@pytest.mark.parametrize("guess", [False, True])
+def test_dma_fused_step_equals_block_by_block_dispatch(model, guess):
     """With copy_method="dma", the fused decode step (start/done inside one jit) and the per-block path
-    (eager start and donated finish) agree on tokens and counters."""
+    (eager start and donated finish) agree on tokens and counters, with and without the first block's guess,
+    and give the reference beams."""
     mode = "speculative" if model.config.routing == "conventional" else "pregated"
-    fused = run(InferenceEngine(model, mode=mode, copy_method="dma"), max_new_tokens=5, num_beams=2)
-    eager = run(InferenceEngine(model, mode=mode, copy_method="dma"), max_new_tokens=5, num_beams=2, fused=False)
+    kw = dict(copy_method="dma", guess_first_block=guess)
+    fused = run(InferenceEngine(model, mode=mode, **kw), max_new_tokens=5, num_beams=3)
+    eager = run(InferenceEngine(model, mode=mode, **kw), max_new_tokens=5, num_beams=3, fused=False)
+    np.testing.assert_array_equal(fused.tokens, naive_beams(model))
     np.testing.assert_array_equal(fused.tokens, eager.tokens)
     for field in COPY_COUNTERS:
         assert getattr(fused.stats, field) == getattr(eager.stats, field), field
@@ -319,18 +384,39 @@ def test_static_graphdef_hashes_once_and_compares_by_value(model):
     assert dense.graphdef != sparse.graphdef  # a dense FFN block and an MoE block never share a compilation
 
 
-def test_generation_stops_at_the_first_check_after_every_row_finished():
-    """EOS at the first token: the loop stops one dispatch after the first finished-check (every
-    `check_every` steps; its flag is read while the next dispatch runs), also when one dispatch runs
-    several steps; the output is EOS then padding."""
+def test_generation_stops_once_every_row_finished():
+    """EOS at the first token. One step per dispatch: the host stops one dispatch after the first
+    finished-check (every `check_every` steps; its flag is read while the next dispatch runs). Several
+    steps per dispatch: the loop inside the dispatch stops after the EOS step. stop_when_finished=False runs
+    every step. The output is EOS then padding in every case."""
     base = get_preset("tiny", routing="pregated", num_experts=8, expert_capacity=6)
     first = run(InferenceEngine(SwitchTransformer(base, rngs=nnx.Rngs(0)), mode="pregated"), max_new_tokens=1)
     eos = int(first.tokens[0, 0])
     ids, mask = IDS[:1], MASK[:1]
     model = SwitchTransformer(base.replace(eos_token_id=eos), rngs=nnx.Rngs(0))  # same weights, new EOS
-    for per_call, steps in ((1, 3), (3, 6)):
-        engine = InferenceEngine(model, mode="pregated", check_every=2, decode_steps_per_call=per_call)
+    for per_call, stop, steps in ((1, True, 3), (3, True, 1), (4, False, 9), (1, False, 9)):
+        engine = InferenceEngine(model, mode="pregated", check_every=2, decode_steps_per_call=per_call,
+                                 stop_when_finished=stop)
         with jax.transfer_guard("disallow"):
             res = engine.generate(ids, mask, max_new_tokens=9)
-        assert res.stats.steps == steps, per_call
+        assert res.stats.steps == steps, (per_call, stop)
         np.testing.assert_array_equal(res.tokens[0], [eos] + [base.pad_token_id] * 8)
+
+
+def test_rows_finishing_at_different_steps_match_the_reference():
+    """Batch 3 where row 0 reaches EOS early and the others run on (the tiny model repeats one token per
+    row): one and several steps per dispatch give the reference's tokens (padding after row 0's EOS), and
+    the steps run are those the reference needed (the last row's EOS, or max_new_tokens)."""
+    base = get_preset("tiny", routing="pregated", num_experts=8, expert_capacity=6)
+    plain = generate(SwitchTransformer(base, rngs=nnx.Rngs(0)), IDS, MASK, 9)
+    eos = int(plain[0, 1])  # a token row 0 emits at its second step: it finishes there or earlier
+    model = SwitchTransformer(base.replace(eos_token_id=eos), rngs=nnx.Rngs(0))  # same weights, new EOS
+    ref = generate(model, IDS, MASK, 9)
+    ends = [list(r).index(eos) + 1 if eos in r else 9 for r in ref.tolist()]
+    assert ends[0] < 9
+    for per_call in (1, 4):
+        res = run(InferenceEngine(model, mode="pregated", decode_steps_per_call=per_call, check_every=1),
+                  max_new_tokens=9)
+        np.testing.assert_array_equal(res.tokens, ref, err_msg=str(per_call))
+        if per_call > 1:
+            assert res.stats.steps == max(ends), (ends, res.stats.steps)

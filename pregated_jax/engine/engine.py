@@ -48,12 +48,28 @@ class EngineConfig:
       bounds all expert buffers together (cache slots, or the prefill streaming buffers).
     prefill_chunk: experts per copy when a call needs most of a block (default: all E at once, or what
       the budget allows).
-    decode_steps_per_call: decode steps run by one dispatch (a `fori_loop` inside the jitted step when > 1),
+    decode_steps_per_call: decode steps run by one dispatch (a loop inside the jitted step when > 1),
       which spreads the host's per-dispatch cost over several tokens. Tokens and statistics do not change.
       (H100, switch-base-128, batch 1: gpu-only decode 1.65 -> 0.75 ms/step going from 1 to 8.) With DMA
       copies the dispatch returns only near the end of its steps (each wait blocks the dispatching thread),
-      so the GPU idles ~1 ms per dispatch: 64 steps gave pregated 725 against 661 tok/s at 8. A dispatch
-      runs all its steps even after every row has finished, hence the default of 8.
+      so the GPU idles ~1 ms per dispatch: pregated took 1.333 ms/step at 64 against 1.380 at 8
+      (docs/benchmarks/h100-v8). The loop stops at EOS (`stop_when_finished`), so a dispatch of 64 steps
+      costs nothing once every row has finished; the progress callback runs once per dispatch.
+    stop_when_finished: end decoding once every row has emitted EOS: the loop inside a dispatch checks after
+      every step (a `while_loop`, whose exit condition is read by the host: ~0.02 ms per step on an H100,
+      within noise), and the host stops dispatching (it reads a flag every `check_every` steps). False runs
+      every step up to max_new_tokens (benchmarks: the same work on every run; rows that finished append
+      padding).
+    guess_first_block: in decode steps of modes pregated and speculative without a cache, the decoder's
+      first MoE block, which no earlier block pre-gates, starts copying a guess at the top of the step:
+      the experts it used at the previous step (decoder routing repeats from token to token; Huang et al.
+      2024). The copy overlaps the embedding and the blocks before it; whatever the guess missed is fetched
+      once the block's gate has run. Outputs do not change; hits count as speculative hits, and guessed
+      experts no token needed as `speculative_wasted`. Off by default: on an H100 (switch-base-128,
+      docs/benchmarks/h100-v8) it hits 80% (batch 1) and 87% (batch 8), but learning that nothing was
+      missed takes a host round trip (~0.15 ms) on the critical path, which the saved copy barely beats:
+      pregated 1.299 against 1.333 ms/step at batch 1, 6.03 against 5.89 at batch 8; speculative 2.09
+      against 2.24 ms/step at batch 1.
     prefill_routed_only: calls that need most experts of a block (prefill) copy only the routed ones
       (default), or, if False, whole blocks as contiguous ranges (fewer, larger copies at the link's full
       bandwidth, but more bytes). Budgeted calls without a cache always stream whole blocks in chunks.
@@ -72,7 +88,9 @@ class EngineConfig:
     device_budget_bytes: int | None = None
     prefill_chunk: int | None = None
     check_every: int = 8  # decode steps between checks whether every sequence has finished
-    decode_steps_per_call: int = 8
+    decode_steps_per_call: int = 64
+    stop_when_finished: bool = True
+    guess_first_block: bool = False
     prefill_routed_only: bool = True
     copy_method: str = "auto"
 
@@ -138,7 +156,7 @@ class InferenceEngine:
         decoder_program = dataclasses.replace(self.program, encoder=None)
         self._decoder_leaves, treedef = jax.tree.flatten(decoder_program)
         self._decode_step = jax.jit(functools.partial(self._flat_step, treedef), static_argnums=(7, 8),
-                                    donate_argnums=(1, 2, 5))
+                                    donate_argnums=(1, 2, 5, 9))
 
     # --- sizing -------------------------------------------------------------------------------------
     def _cache_slots(self) -> int | None:
@@ -191,6 +209,8 @@ class InferenceEngine:
         capacity = cfg.capacity(x.shape[1])
         moe = sp.moe_blocks
         prefetched: dict[int, object] = {}
+        if ctx.guess is not None:  # a decode step's guess for the first MoE block (see `_decode`)
+            prefetched[moe[0]] = ("guess", ctx.guess)
         new_caches = []
         decision = None
         if mode == "prefetch-all" and moe:
@@ -215,13 +235,22 @@ class InferenceEngine:
             # Issue the next block's copies before this block's expert computation, once the blocks
             # before this one are done (their expert buffers freed): at most two blocks in flight.
             _backpressure(x)
-            own = None
+            first = None  # copies of this block's that the next block's must queue behind
             if nxt is not None and i not in prefetched and self._fetches_routed(mode, dense):
                 # Nothing was prefetched for this block (the first MoE block of a stack): its own copies
                 # go first, or they would queue behind the next block's on the copy stream. The next
                 # start takes this one's token (XLA orders independent custom calls as it likes).
-                prefetched[i] = own = self._fetch_own(sp, i, decision, k, dense, ctx)
-            first = None if own is None else own[1]
+                prefetched[i] = self._fetch_own(sp, i, decision, k, dense, ctx)
+                first = prefetched[i][1]
+            elif isinstance(prefetched.get(i), tuple) and prefetched[i][0] == "guess":
+                # The guess's copies are under way; what it missed is fetched now, before the next block's.
+                guess = prefetched[i][1]
+                missed, copied = self._start_fetch(sp.blocks[i], decision, k, guess.slots.expert_ids,
+                                                   dense=dense, miss=True, after=guess)
+                ctx.add_copied(copied)
+                ctx.next_guess = F.needed_experts_jit(decision, k)
+                prefetched[i] = ("guessed", guess, missed)
+                first = missed
             if nxt is not None and mode == "pregated":
                 pending = self._prefetch(sp, nxt, next_decision, k, dense, ctx, after=first)
             elif nxt is not None and mode == "speculative":
@@ -300,8 +329,8 @@ class InferenceEngine:
             return self._stream(b, x, h, decision, ctx)  # contiguous chunks after the gate
         needed = F.needed_experts_jit(decision, k)
         if self.cache_slots is not None:
-            if mode == "speculative" and prefetched is not None:
-                ctx.add_speculation(F.overlap(needed, F.needed_experts_jit(prefetched[1], k)))
+            if mode == "speculative" and prefetched is not None:  # a guess's copies are cache fills
+                ctx.add_speculation(F.overlap(needed, F.needed_experts_jit(prefetched[1], k)).at[2].set(0))
             if mode == "pregated" and prefetched is not None:  # the pre-gate's lookup already ran
                 return b.ffn_output(x, h, decision, ctx.caches[(sp.kind, i)].slots)
             state = self._cache_lookup(ctx, sp, i, needed)  # hits for everything prefetched
@@ -310,6 +339,11 @@ class InferenceEngine:
             prefetched = self._fetch_own(sp, i, decision, k, dense, ctx)
         if prefetched[0] == "own":
             return b.ffn_output(x, h, decision, F.finish_fetch(prefetched[1], *after))
+        if prefetched[0] == "guessed":
+            _, guess, missed = prefetched
+            guessed = F.finish_fetch(guess, *after)
+            ctx.add_speculation(F.overlap(needed, guessed.expert_ids))
+            return b.ffn_output(x, h, decision, F.merge_slots(guessed, F.finish_fetch(missed, *after)))
         _, pending, guess = prefetched
         slots = F.finish_fetch(pending, *after)
         if mode == "speculative":  # fetch what the guess missed
@@ -341,47 +375,67 @@ class InferenceEngine:
 
     # --- generation ---------------------------------------------------------------------------------
     def _flat_step(self, treedef, leaves, search, kv, cross, cross_bias, caches, key_positions, num_beams,
-                   num_steps):
+                   num_steps, guess):
         """`num_steps` decode steps (`_step`), the decoder program given as flat leaves (see __init__).
 
-        -> (search, kv, caches, experts copied, [speculative hits, needed]) summed over the steps.
+        -> (search, kv, caches, experts copied, [speculative hits, needed, wasted], guess), counts summed
+        over the steps.
         """
         program = jax.tree.unflatten(treedef, leaves)
         step = functools.partial(self._step, program, cross=cross, cross_bias=cross_bias,
                                  key_positions=key_positions, num_beams=num_beams)
         if num_steps == 1:
-            return step(search=search, kv=kv, caches=caches)
+            return step(search=search, kv=kv, caches=caches, guess=guess)
 
-        def body(_, carry):
-            search, kv, caches, copied, speculation = carry
-            search, kv, caches, c, s = step(search=search, kv=kv, caches=caches)
-            return search, kv, caches, copied + c, speculation + s
+        def body(carry):
+            n, search, kv, caches, copied, speculation, guess = carry
+            search, kv, caches, c, s, guess = step(search=search, kv=kv, caches=caches, guess=guess)
+            return n + 1, search, kv, caches, copied + c, speculation + s, guess
 
-        totals = (jnp.int32(0), jnp.zeros((2,), jnp.int32))
-        return jax.lax.fori_loop(0, num_steps, body, (search, kv, caches) + totals)
+        def more(carry):  # with stop_when_finished, a data-dependent exit: a device->host read per step
+            n, search = carry[:2]
+            if self.config.stop_when_finished:
+                return (n < num_steps) & ~jnp.all(search.finished)
+            return n < num_steps
 
-    def _step(self, program, search, kv, cross, cross_bias, caches, key_positions, num_beams):
-        """One decode step for every row, traced into a single jitted function.
+        carry = (jnp.int32(0), search, kv, caches, jnp.int32(0), jnp.zeros((3,), jnp.int32), guess)
+        return jax.lax.while_loop(more, body, carry)[1:]
+
+    def _step(self, program, search, kv, cross, cross_bias, caches, key_positions, num_beams, guess):
+        """One decode step for every row, traced into a single jitted function (`_decode`).
+
+        -> (search, kv, caches, copied, speculation, the next step's guess)."""
+        ctx = RunContext(caches, guess_ids=guess)
+        search, kv = self._decode(program, search, kv, cross, cross_bias, ctx, key_positions, num_beams)
+        copied, speculation = ctx.totals()
+        return search, kv, ctx.caches, copied, speculation, ctx.next_guess
+
+    def _decode(self, program, search, kv, cross, cross_bias, ctx, key_positions, num_beams):
+        """One decode step, traced (`_step`) or dispatched block by block (the reference). -> (search, kv).
 
         With copy_method "dma" each prefetch's start is ordered before the block's expert computation
         (the block's wait takes its token) and its wait just before the next block's use; XLA's own
         copies ("xla") are scheduled by XLA and run in series with the compute kernels
-        (docs/benchmarks/h100-copy-overlap). -> (search, kv, caches, copied, speculation).
+        (docs/benchmarks/h100-copy-overlap).
         """
         cfg, dec = self.model_config, program.decoder
-        ctx = RunContext(caches)
+        last = search.last  # [rows] the tokens to embed
+        if ctx.guess_ids is not None:  # the first MoE block's guess (EngineConfig.guess_first_block)
+            b = dec.blocks[dec.moe_blocks[0]]
+            ctx.guess, copied = F.start_fetch_ids(self.copy_method, b.host_wi, b.host_wo, b.host_stacks,
+                                                  ctx.guess_ids, self.mem.on_device)
+            ctx.add_copied(copied)
+            if isinstance(ctx.guess.token, jax.core.Tracer):  # issued before the step's computation
+                last = native.order_after(last, ctx.guess.token)
         bias = dec.self_bias(search.step[None], key_positions, None)
-        x = program.embed(search.last[:, None])
+        x = program.embed(last[:, None])
         x, kv = self._run_stack(dec, x, bias, ctx, cross=cross, cross_bias=cross_bias, caches=kv,
                                 cache_index=search.step)
         logits = program.logits(x)[:, -1]  # [rows, V]
         if num_beams == 1:
-            search = greedy_step(search, logits, cfg.pad_token_id, cfg.eos_token_id)
-        else:
-            search, origin = beam_step(search, logits, cfg.pad_token_id, cfg.eos_token_id)
-            kv = reorder(kv, origin)
-        copied, speculation = ctx.totals()
-        return search, kv, ctx.caches, copied, speculation
+            return greedy_step(search, logits, cfg.pad_token_id, cfg.eos_token_id), kv
+        search, origin = beam_step(search, logits, cfg.pad_token_id, cfg.eos_token_id)
+        return search, reorder(kv, origin)
 
     def generate(self, input_ids, attention_mask=None, *, max_new_tokens: int = 32, num_beams: int = 1,
                  length_penalty: float = 1.0, progress=None, track_memory: bool = False,
@@ -430,50 +484,48 @@ class InferenceEngine:
         stats.prefill_s = watch.lap(hidden)
         stats.mark_prefill_done(self)
 
+        guess = self._first_guess(rows)
         t, finished = 0, None  # finished: the last check's all-finished flag, read one dispatch later
         while t < max_new_tokens:
             n = min(self.config.decode_steps_per_call, max_new_tokens - t) if fused else 1
             if fused:
-                search, kv, self.caches, copied, speculation = self._decode_step(
-                    self._decoder_leaves, search, kv, cross, cross_bias, self.caches, key_positions, num_beams, n)
+                search, kv, self.caches, copied, speculation, guess = self._decode_step(
+                    self._decoder_leaves, search, kv, cross, cross_bias, self.caches, key_positions, num_beams, n,
+                    guess)
                 stats.add_copied(copied)
-                if self.config.mode == "speculative":
-                    stats.add_speculation(speculation)
+                stats.add_speculation(speculation)
                 if track_memory:
                     stats.sample_memory(self.mem.device)
             else:
-                ctx = RunContext(self.caches, stats, track_memory, profile_blocks)
-                search, kv = self._eager_step(program, search, kv, cross, cross_bias, ctx, key_positions,
-                                              num_beams)
-                self.caches = ctx.flush_into(stats)
+                ctx = RunContext(self.caches, stats, track_memory, profile_blocks, guess_ids=guess)
+                search, kv = self._decode(program, search, kv, cross, cross_bias, ctx, key_positions, num_beams)
+                self.caches, guess = ctx.flush_into(stats), ctx.next_guess
             done_before, t = t, t + n
             stats.steps = t
             if progress is not None:
                 progress(t, max_new_tokens)
             # Reading a check's flag waits for the dispatch that computed it, so it is read only after the
-            # next dispatch is queued: the device never idles while the host checks and dispatches. Steps
-            # run after every row has finished only append padding.
+            # next dispatch is queued: the device never idles while the host checks and dispatches. A fused
+            # dispatch queued after every row has finished runs no step; one-step dispatches append padding.
             if finished is not None and bool(jax.device_get(finished)):
                 break
             crossed_check = t // self.config.check_every > done_before // self.config.check_every
-            finished = all_finished(search) if crossed_check else None
+            finished = all_finished(search) if crossed_check and self.config.stop_when_finished else None
         tokens = np.asarray(jax.device_get(best_sequences(search, length_penalty)))
+        stats.steps = int(jax.device_get(search.step))  # steps run: a fused dispatch may stop early
         stats.decode_s = watch.lap()
         stats.finish(self)
         return GenerationResult(tokens, stats)
 
-    def _eager_step(self, program, search, kv, cross, cross_bias, ctx, key_positions, num_beams):
-        """The same step as `_step`, one dispatch per block (the reference for the fused step)."""
-        cfg, dec = self.model_config, program.decoder
-        bias = dec.self_bias(search.step[None], key_positions, None)
-        x = program.embed(search.last[:, None])
-        x, kv = self._run_stack(dec, x, bias, ctx, cross=cross, cross_bias=cross_bias, caches=kv,
-                                cache_index=search.step)
-        logits = program.logits(x)[:, -1]
-        if num_beams == 1:
-            return greedy_step(search, logits, cfg.pad_token_id, cfg.eos_token_id), kv
-        search, origin = beam_step(search, logits, cfg.pad_token_id, cfg.eos_token_id)
-        return search, reorder(kv, origin)
+    def _first_guess(self, rows: int):
+        """The first decode step's guess for the decoder's first MoE block: [k] int32 of -1 (no copy; no
+        earlier step to repeat), or None where the engine does not guess (EngineConfig.guess_first_block)."""
+        k = min(self.num_experts, rows)
+        dense = 2 * k >= self.num_experts
+        if (not self.config.guess_first_block or self.config.mode not in ("pregated", "speculative") or dense
+                or not self.program.decoder.moe_blocks or not self._fetches_routed(self.config.mode, dense)):
+            return None
+        return jax.device_put(np.full((k,), -1, np.int32), self.mem.on_device)
 
 
 class RunContext:
@@ -484,8 +536,10 @@ class RunContext:
     """
 
     def __init__(self, caches: dict, stats: RunStats | None = None, track_memory: bool = False,
-                 profile_blocks: bool = False):
+                 profile_blocks: bool = False, guess_ids=None):
         self.caches = dict(caches)
+        # the first MoE block's guess: its ids [k] (input), its copies once started, the next step's ids
+        self.guess_ids, self.guess, self.next_guess = guess_ids, None, None
         self.copied, self.speculation = [], []
         self.stats, self.track_memory, self.profile_blocks = stats, track_memory, profile_blocks
         self.moe_block_s = stats.moe_block_s if stats is not None else []
@@ -500,9 +554,9 @@ class RunContext:
         self.stats.sample_memory(device)
 
     def totals(self):
-        """(experts copied, [speculative hits, needed]) as traced int32 values."""
+        """(experts copied, [speculative hits, needed, wasted]) as traced int32 values."""
         copied = sum(jnp.asarray(n, jnp.int32) for n in self.copied) if self.copied else jnp.int32(0)
-        spec = sum(self.speculation) if self.speculation else jnp.zeros((2,), jnp.int32)
+        spec = sum(self.speculation) if self.speculation else jnp.zeros((3,), jnp.int32)
         return copied, spec
 
     def flush_into(self, stats: RunStats) -> dict:

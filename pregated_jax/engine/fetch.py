@@ -144,9 +144,32 @@ def start_fetch(method: str, host_wi, host_wo, stacks, decision: RouterDecision,
     return _dma_start(stacks, decision, k, exclude, (after.token,) if traced else ())
 
 
+def start_fetch_ids(method: str, host_wi, host_wo, stacks, ids: Array, device: SingleDeviceSharding, *,
+                    after: PendingSlots | None = None):
+    """Starts copying experts `ids` [k] (-1: an empty slot) into a fresh k-slot table: a guess made before
+    any gate ran (see `start_fetch`). -> (PendingSlots, experts copied)."""
+    if method == "xla":
+        return _xla_fetch_ids(host_wi, host_wo, ids, device)
+    if method != "dma":
+        raise ValueError(f"unknown copy method {method!r}; choose one of {COPY_METHODS}")
+    traced = after is not None and isinstance(after.token, jax.core.Tracer)
+    return _dma_start_ids(stacks, ids, (after.token,) if traced else ())
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _xla_fetch_ids(host_wi, host_wo, ids, device):
+    wi, wo = _copy_each_slot(host_wi, host_wo, ids, device)
+    return PendingSlots(ExpertSlots(wi, wo, ids)), jnp.sum(ids >= 0).astype(jnp.int32)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 2))
 def _dma_start(stacks, decision, k, exclude, after):
     ids = _ids_to_copy(decision, k, exclude)  # [k] ascending: consecutive experts become one transfer
+    return _dma_start_ids(stacks, ids, after)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _dma_start_ids(stacks, ids, after):
     (wi, wo), token = native.fetch_start(ids, list(stacks), *after)
     return PendingSlots(ExpertSlots(wi, wo, ids), token), jnp.sum(ids >= 0).astype(jnp.int32)
 
@@ -282,7 +305,10 @@ needed_experts_jit = jax.jit(needed_experts, static_argnums=1)
 
 @jax.jit
 def overlap(needed: Array, available: Array) -> Array:
-    """-> [2] int32: (how many of `needed` are in `available`, how many are needed); -1 entries ignored."""
+    """How well a guess `available` [g] covered `needed` [k] (-1 entries ignored) -> [3] int32: (needed
+    experts found, experts needed, guessed experts not needed: copied in vain)."""
     valid = needed >= 0
     found = jnp.any(needed[:, None] == available[None, :], axis=-1) & valid
-    return jnp.stack([jnp.sum(found), jnp.sum(valid)]).astype(jnp.int32)
+    used = jnp.any(available[:, None] == jnp.where(valid, needed, -2)[None, :], axis=-1)
+    unused = (available >= 0) & ~used
+    return jnp.stack([jnp.sum(found), jnp.sum(valid), jnp.sum(unused)]).astype(jnp.int32)

@@ -39,8 +39,9 @@ class RunStats:
     experts_copied: int = 0
     cache_hits: int | None = None
     cache_misses: int | None = None
-    speculative_hits: int | None = None
-    speculative_needed: int | None = None
+    speculative_hits: int | None = None  # experts a guess had copied when the gate asked for them
+    speculative_needed: int | None = None  # experts needed where a guess was made
+    speculative_wasted: int | None = None  # experts a guess copied that no token needed (no cache)
     peak_device_bytes: int | None = None  # the device's lifetime peak (includes model construction)
     sampled_peak_bytes: int | None = None  # max bytes-in-use seen during this run (track_memory)
     prefill_experts_copied: int = 0
@@ -51,6 +52,8 @@ class RunStats:
     _cache_baseline: tuple = (0, 0)
     _cache_at_prefill: tuple = (0, 0)
     _prefill_mark: int = 0
+    _prefill_speculation_mark: int = 0
+    _decode_wasted: int = 0  # speculative_wasted of the decode steps alone
     _copied: list = dataclasses.field(default_factory=list, repr=False)
     _speculation: list = dataclasses.field(default_factory=list, repr=False)
 
@@ -73,6 +76,7 @@ class RunStats:
     def mark_prefill_done(self, engine):
         """Remembers which copies belong to the prefill (called right after it synchronized)."""
         self._prefill_mark = len(self._copied)
+        self._prefill_speculation_mark = len(self._speculation)
         self._cache_at_prefill = _cache_counters(engine) if engine.caches else self._cache_baseline
 
     def add_speculation(self, pair):
@@ -84,9 +88,12 @@ class RunStats:
         self.prefill_experts_copied = _total(self._copied[:self._prefill_mark])
         self.prefill_experts_copied += self._cache_at_prefill[1] - self._cache_baseline[1]
         if self._speculation:
-            pairs = np.asarray(jax.device_get(self._speculation)).sum(0)
-            if pairs[1] > 0:  # dense calls copy whole blocks and predict nothing
-                self.speculative_hits, self.speculative_needed = int(pairs[0]), int(pairs[1])
+            counts = np.asarray(jax.device_get(self._speculation))  # [calls, 3]
+            hits, needed, wasted = counts.sum(0)
+            if needed > 0:  # dense calls copy whole blocks and predict nothing
+                self.speculative_hits, self.speculative_needed, self.speculative_wasted = (
+                    int(hits), int(needed), int(wasted))
+            self._decode_wasted = int(counts[self._prefill_speculation_mark:, 2].sum())
         if engine.caches:
             hits, misses = _cache_counters(engine)
             self.cache_hits = hits - self._cache_baseline[0]
@@ -119,6 +126,9 @@ class RunStats:
             speculative_hit_rate=(self.speculative_hits / self.speculative_needed
                                   if self.speculative_needed else None),
             decode_bytes_moved=(self.experts_copied - self.prefill_experts_copied) * self.expert_bytes,
+            # what must move: the bytes moved less the guesses' wasted copies (the roofline's numerator)
+            decode_bytes_needed=(self.experts_copied - self.prefill_experts_copied
+                                 - self._decode_wasted) * self.expert_bytes,
             moe_block_ms=(1e3 * sum(self.moe_block_s) / len(self.moe_block_s) if self.moe_block_s else None),
         )
         d.pop("moe_block_s")

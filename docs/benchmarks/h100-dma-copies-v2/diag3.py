@@ -1,4 +1,8 @@
-"""Engine decode variants. argv: preset mode out [spc=N] [copy=xla|dma|auto] [ids=bench] [profile]"""
+"""Engine decode variants. argv: preset mode out [spc=N] [copy=xla|dma|auto] [ids=bench] [batch=N] [stop=1] [guess=1] [miss=xla|dma] [profile]
+
+stop=1: the decode loop stops at EOS (EngineConfig.stop_when_finished; default: every step runs). guess=1: EngineConfig.guess_first_block.
+miss=: the copy method of the guess's and speculative mode's misses. batch=N: N rows of the benchmark's ids.
+"""
 import glob, json, os, sys, time
 import numpy as np, jax
 sys.path.insert(0, os.getcwd())
@@ -11,16 +15,20 @@ flags = dict(f.split("=") if "=" in f else (f, "1") for f in sys.argv[4:])
 os.makedirs(out, exist_ok=True)
 cfg = get_preset(preset, routing="conventional" if mode == "speculative" else "pregated", dtype="bfloat16")
 model = random_model(cfg, experts_on_host=mode != "gpu-only")
-eng = InferenceEngine(model, mode=mode, check_every=10**9, decode_steps_per_call=int(flags.get("spc", 8)),
-                      copy_method=flags.get("copy", "auto"))
+eng = InferenceEngine(model, mode=mode, stop_when_finished=flags.get("stop") == "1", decode_steps_per_call=int(flags.get("spc", 8)),
+                      copy_method=flags.get("copy", "auto"), guess_first_block=flags.get("guess", "0") == "1")
 del model
-ids = (np.random.default_rng(0).integers(2, min(cfg.vocab_size, 32000), (1, 256), dtype=np.int32)  # as benchmark.py
+if "miss" in flags:
+    eng.miss_copy_method = flags["miss"]
+nb = int(flags.get("batch", 1))
+ids = (np.random.default_rng(0).integers(2, min(cfg.vocab_size, 32000), (nb, 256), dtype=np.int32)  # as benchmark.py
        if flags.get("ids") == "bench" else np.random.default_rng(0).integers(2, 500, (1, 256)).astype(np.int32))
 eng.generate(ids, max_new_tokens=64)
 runs = []
 for _ in range(5):
     g = eng.generate(ids, max_new_tokens=64)
-    runs.append(dict(prefill_ms=1e3 * g.stats.prefill_s, decode_ms_per_step=1e3 * g.stats.decode_s / 64))
+    runs.append(dict(prefill_ms=1e3 * g.stats.prefill_s, decode_ms_per_step=1e3 * g.stats.decode_s / g.stats.steps,
+                     steps=g.stats.steps, spec=[g.stats.speculative_hits, g.stats.speculative_needed, g.stats.speculative_wasted]))
 res = dict(tokens=g.tokens.tolist(), preset=preset, mode=mode, flags=flags, copy=eng.copy_method,
            xla_flags=os.environ.get("XLA_FLAGS"), runs=runs,
            median_decode=float(np.median([r["decode_ms_per_step"] for r in runs])),
