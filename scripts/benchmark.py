@@ -94,9 +94,7 @@ def engine_worker(args):
         kw.update(device_budget_bytes=int(args.device_budget_gib * 2**30))
     if args.decode_steps_per_call is not None:
         kw.update(decode_steps_per_call=args.decode_steps_per_call)
-    if args.guess_first_block:
-        kw.update(guess_first_block=True)
-    engine = InferenceEngine(model, mode=args.mode, stop_when_finished=False,
+    engine = InferenceEngine(model, mode=args.mode, stop_when_finished=False, guess_first_block=args.guess_first_block,
                              prefill_routed_only=args.prefill_copy == "routed", copy_method=args.copy_method, **kw)
     del model
     build_s = time.perf_counter() - t0

@@ -206,6 +206,11 @@ def _custom_calls(hlo: str, target: str) -> list[tuple[str, list[str]]]:
     return [(name, [o.strip().lstrip("%") for o in ops.split(",") if o.strip()]) for name, ops in calls]
 
 
+def _start_tokens(hlo: str) -> dict[str, str]:
+    """{token value name: the pgj_fetch_start call that produced it} in compiled HLO text."""
+    return {m[0]: m[1] for m in re.findall(r"%(\S+) = s32\[\] get-tuple-element\(%(\S+)\), index=2", hlo)}
+
+
 def _compiled_decode_step(engine) -> str:
     """Compiled HLO text of the engine's fused decode step, as one greedy token at batch 1 calls it."""
     step, captured = engine._decode_step, []
@@ -224,7 +229,7 @@ def test_dma_first_block_fetch_is_queued_before_the_next_prefetch(routing):
                              mode="pregated" if routing == "pregated" else "speculative")
     hlo = _compiled_decode_step(engine)
     starts = _custom_calls(hlo, "pgj_fetch_start")
-    tokens = {m[0]: m[1] for m in re.findall(r"%(\S+) = s32\[\] get-tuple-element\(%(\S+)\), index=2", hlo)}
+    tokens = _start_tokens(hlo)
     names = [name for name, _ in starts]
     # the decoder of the tiny model has 2 MoE blocks: block 1's own fetch, block 2's prefetch (+ misses)
     own, prefetch = names[0], names[1]
@@ -244,7 +249,7 @@ def test_dma_first_block_guess_is_issued_first_and_its_misses_before_the_next_pr
                              mode="pregated" if routing == "pregated" else "speculative", guess_first_block=True)
     hlo = _compiled_decode_step(engine)
     starts = _custom_calls(hlo, "pgj_fetch_start")
-    tokens = {m[0]: m[1] for m in re.findall(r"%(\S+) = s32\[\] get-tuple-element\(%(\S+)\), index=2", hlo)}
+    tokens = _start_tokens(hlo)
     (guess, _), (missed, missed_ops), (prefetch, prefetch_ops) = starts[:3]
     assert [tokens.get(o) for o in missed_ops][1:] == [guess], starts
     assert [tokens.get(o) for o in prefetch_ops][1:] == [missed], starts

@@ -501,7 +501,6 @@ class InferenceEngine:
                 search, kv = self._decode(program, search, kv, cross, cross_bias, ctx, key_positions, num_beams)
                 self.caches, guess = ctx.flush_into(stats), ctx.next_guess
             done_before, t = t, t + n
-            stats.steps = t
             if progress is not None:
                 progress(t, max_new_tokens)
             # Reading a check's flag waits for the dispatch that computed it, so it is read only after the
@@ -511,8 +510,9 @@ class InferenceEngine:
                 break
             crossed_check = t // self.config.check_every > done_before // self.config.check_every
             finished = all_finished(search) if crossed_check and self.config.stop_when_finished else None
-        tokens = np.asarray(jax.device_get(best_sequences(search, length_penalty)))
-        stats.steps = int(jax.device_get(search.step))  # steps run: a fused dispatch may stop early
+        # one transfer; steps run, not dispatched: a fused dispatch may stop early
+        tokens, steps = jax.device_get((best_sequences(search, length_penalty), search.step))
+        tokens, stats.steps = np.asarray(tokens), int(steps)
         stats.decode_s = watch.lap()
         stats.finish(self)
         return GenerationResult(tokens, stats)

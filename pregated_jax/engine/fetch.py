@@ -67,7 +67,12 @@ def fetch_decision(host_wi, host_wo, decision: RouterDecision, k: int, device: S
     how many there are instead of one `lax.cond` per slot. -> (ExpertSlots with ids -1 for unused
     slots, experts copied [int32]).
     """
-    ids = _ids_to_copy(decision, k, exclude)
+    return fetch_ids(host_wi, host_wo, _ids_to_copy(decision, k, exclude), device, compact=compact)
+
+
+@functools.partial(jax.jit, static_argnums=3, static_argnames="compact")
+def fetch_ids(host_wi, host_wo, ids: Array, device: SingleDeviceSharding, *, compact: bool = False):
+    """Copies experts `ids` [k] (-1: an empty slot) into a fresh k-slot table (see `fetch_decision`)."""
     if compact:
         ids = _valid_first(ids)
         wi, wo = _copy_valid_slots(host_wi, host_wo, ids, device)
@@ -138,28 +143,24 @@ def start_fetch(method: str, host_wi, host_wo, stacks, decision: RouterDecision,
     if method == "xla":
         slots, copied = fetch_decision(host_wi, host_wo, decision, k, device, exclude, compact=compact)
         return PendingSlots(slots), copied
-    if method != "dma":
-        raise ValueError(f"unknown copy method {method!r}; choose one of {COPY_METHODS}")
+    _check_method(method)
     traced = after is not None and isinstance(after.token, jax.core.Tracer)
     return _dma_start(stacks, decision, k, exclude, (after.token,) if traced else ())
 
 
-def start_fetch_ids(method: str, host_wi, host_wo, stacks, ids: Array, device: SingleDeviceSharding, *,
-                    after: PendingSlots | None = None):
+def start_fetch_ids(method: str, host_wi, host_wo, stacks, ids: Array, device: SingleDeviceSharding):
     """Starts copying experts `ids` [k] (-1: an empty slot) into a fresh k-slot table: a guess made before
     any gate ran (see `start_fetch`). -> (PendingSlots, experts copied)."""
     if method == "xla":
-        return _xla_fetch_ids(host_wi, host_wo, ids, device)
+        slots, copied = fetch_ids(host_wi, host_wo, ids, device)
+        return PendingSlots(slots), copied
+    _check_method(method)
+    return _dma_start_ids(stacks, ids, ())
+
+
+def _check_method(method: str):
     if method != "dma":
         raise ValueError(f"unknown copy method {method!r}; choose one of {COPY_METHODS}")
-    traced = after is not None and isinstance(after.token, jax.core.Tracer)
-    return _dma_start_ids(stacks, ids, (after.token,) if traced else ())
-
-
-@functools.partial(jax.jit, static_argnums=3)
-def _xla_fetch_ids(host_wi, host_wo, ids, device):
-    wi, wo = _copy_each_slot(host_wi, host_wo, ids, device)
-    return PendingSlots(ExpertSlots(wi, wo, ids)), jnp.sum(ids >= 0).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))
@@ -308,7 +309,7 @@ def overlap(needed: Array, available: Array) -> Array:
     """How well a guess `available` [g] covered `needed` [k] (-1 entries ignored) -> [3] int32: (needed
     experts found, experts needed, guessed experts not needed: copied in vain)."""
     valid = needed >= 0
-    found = jnp.any(needed[:, None] == available[None, :], axis=-1) & valid
-    used = jnp.any(available[:, None] == jnp.where(valid, needed, -2)[None, :], axis=-1)
+    match = (needed[:, None] == available[None, :]) & valid[:, None]  # [k, g]
+    found, used = jnp.any(match, axis=1), jnp.any(match, axis=0)
     unused = (available >= 0) & ~used
     return jnp.stack([jnp.sum(found), jnp.sum(valid), jnp.sum(unused)]).astype(jnp.int32)
