@@ -77,7 +77,6 @@ def engine_worker(args):
     import jax
     import numpy as np
 
-    from pregated_jax import native
     from pregated_jax.bench.random_model import random_model
     from pregated_jax.config import get_preset
     from pregated_jax.engine import InferenceEngine
@@ -123,8 +122,8 @@ def engine_worker(args):
                         decode_steps_per_call=engine.config.decode_steps_per_call, prefill_copy=args.prefill_copy,
                         guess_first_block=engine.config.guess_first_block,
                         copy_method=engine.copy_method, miss_copy_method=engine.miss_copy_method,
-                        dma_wait=("device" if native.device_wait_requested() else "host")
-                        if engine.copy_method == "dma" else None,
+                        dma_wait="kernel" if engine.copy_method == "dma" else None,  # (h100-v9 on)
+                        xla_flags=os.environ.get("XLA_FLAGS"),
                         device_budget_gib=args.device_budget_gib if args.mode == "pregated" else None)
             print("ROW " + json.dumps(best), flush=True)
 

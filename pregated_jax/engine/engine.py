@@ -514,6 +514,8 @@ class InferenceEngine:
         tokens, steps = jax.device_get((best_sequences(search, length_penalty), search.step))
         tokens, stats.steps = np.asarray(tokens), int(steps)
         stats.decode_s = watch.lap()
+        if self.copy_method == "dma":
+            native.check_device_wait()  # a copy wait that timed out leaves wrong results: raise
         stats.finish(self)
         return GenerationResult(tokens, stats)
 

@@ -7,7 +7,8 @@ Two copy methods fill the same slot tables (`start_fetch` / `finish_fetch`):
   in series with the computation (docs/benchmarks/h100-copy-overlap).
 - "dma": the native custom calls (`pregated_jax.native`): the start reads the ids once the compute stream
   has produced them and queues copy-engine transfers on a separate stream; the finish makes the compute
-  stream wait for them. Whatever runs in between overlaps the copies.
+  stream wait for them on the device (not at all when nothing was copied). Whatever runs in between
+  overlaps the copies.
 Every function returns how many experts it copied, as a device scalar, for the statistics.
 
 The device expert cache is a per-MoE-block slot table whose bookkeeping (LRU, LFU, LIFO, FIFO) runs on
@@ -181,17 +182,15 @@ def finish_fetch(pending: PendingSlots, *after) -> ExpertSlots:
     if pending.token is None:
         return pending.slots
     if isinstance(pending.token, jax.core.Tracer):
-        wi, wo = native.fetch_done([pending.slots.wi, pending.slots.wo], *after)
+        wi, wo = native.fetch_done([pending.slots.wi, pending.slots.wo], pending.slots.expert_ids, pending.token,
+                                   *after)
         return ExpertSlots(wi, wo, pending.slots.expert_ids)
     return _dma_finish(pending)
 
 
-# Dispatched on its own (prefill, one program per block), the done always blocks the host until the copies
-# are enqueued, even with PREGATED_JAX_DMA_DEVICE_WAIT=1: with a device-side wait, H100 switch-large-128
-# speculative prefill hung once the host got ahead of the copy worker (docs/benchmarks/h100-v6/README.md).
 @functools.partial(jax.jit, donate_argnums=0)
 def _dma_finish(pending):  # donated: the tables' buffers pass through without a copy
-    wi, wo = native.fetch_done([pending.slots.wi, pending.slots.wo], host_wait=True)
+    wi, wo = native.fetch_done([pending.slots.wi, pending.slots.wo], pending.slots.expert_ids, pending.token)
     return ExpertSlots(wi, wo, pending.slots.expert_ids)
 
 

@@ -6,7 +6,7 @@ source/jaxlib version with the system C++ compiler into a cache directory (like 
 when present, CUDA, and wraps the calls:
 
     tables, token = fetch_start(ids, [HostStack, ...], *after)  # ids [k] int32 on the device, -1 = empty
-    tables = fetch_done(tables, *after)                         # the tables, ready to read
+    tables = fetch_done(tables, ids, token, *after)             # the tables, ready to read
     x = order_after(x, *after)                                  # x, read only after `after`'s producers
 
 `python -m pregated_jax.native` builds and reports where the library is.
@@ -27,6 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 
 SOURCE = Path(__file__).with_name("expert_copy.cc")
+KERNEL_SOURCE = Path(__file__).with_name("expert_copy_kernels.cu")
+KERNEL_PTX = Path(__file__).with_name("expert_copy_kernels.ptx.inc")  # generated from KERNEL_SOURCE, #included by SOURCE
+PTX_ARCH = "compute_75"  # the oldest target nvcc 13 emits; the driver compiles the PTX for the GPU at hand
+PTX_VERSION = "6.3"  # the PTX ISA the file declares: the oldest that knows sm_75, for older drivers
 _STATE: dict = {}
 
 
@@ -43,7 +47,7 @@ def cache_dir() -> Path:
 def library_path() -> Path:
     """Where the library for this source and this jaxlib lives (built or not)."""
     import jaxlib
-    digest = hashlib.sha256(SOURCE.read_bytes() + jaxlib.__version__.encode()).hexdigest()[:16]
+    digest = hashlib.sha256(SOURCE.read_bytes() + KERNEL_PTX.read_bytes() + jaxlib.__version__.encode()).hexdigest()[:16]
     return cache_dir() / f"libpgj_expert_copy-{digest}.so"
 
 
@@ -74,6 +78,24 @@ def build(force: bool = False) -> Path:
     os.chmod(tmp, 0o755)  # mkstemp creates 0600: keep a shared cache readable
     os.replace(tmp, out)
     return out
+
+
+def kernel_ptx(nvcc: str = "nvcc") -> str:
+    """Compiles expert_copy_kernels.cu to PTX with nvcc -> the text of KERNEL_PTX (a C++ raw string literal)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "kernels.ptx"
+        cmd = [nvcc, "-ptx", f"-arch={PTX_ARCH}", "-o", str(out), str(KERNEL_SOURCE)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+        except FileNotFoundError as e:
+            raise NativeUnavailable(f"no nvcc ({nvcc!r}) to compile {KERNEL_SOURCE.name}") from e
+        if proc.returncode != 0:
+            raise NativeUnavailable(f"compiling {KERNEL_SOURCE.name} failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
+        ptx = out.read_text()
+    lines = [f".version {PTX_VERSION}" if line.startswith(".version ") else line for line in ptx.splitlines()]
+    lines = [line for line in lines if not line.startswith("// Compiler Build ID")]
+    return ("// Generated from expert_copy_kernels.cu by `python -m pregated_jax.native --regenerate-ptx`; do not edit.\n"
+            'R"PTX(\n' + "\n".join(lines) + '\n)PTX"\n')
 
 
 def load() -> None:
@@ -177,25 +199,30 @@ def fetch_start(ids: jax.Array, stacks: list[HostStack], *after):
     return list(out[:-1]), out[-1]
 
 
-def device_wait_requested() -> bool:
-    """Whether PREGATED_JAX_DMA_DEVICE_WAIT asks dones inside a program to wait on the device (see fetch_done)."""
-    value = os.environ.get("PREGATED_JAX_DMA_DEVICE_WAIT", "")
-    return value != "" and value[0] != "0"  # as expert_copy.cc reads it
+def fetch_done(tables: list, ids: jax.Array, token: jax.Array, *after):
+    """-> the tables, once their copies have landed (rows of ids < 0 zeroed). `ids` [k] and `token` are the
+    start's; `after` only orders the call after their producers.
 
-
-def fetch_done(tables: list, *after, host_wait: bool = False):
-    """-> the tables, once their copies have landed; `after` only orders the call after their producers.
-
-    The done blocks XLA's thread (on a GPU, the one that dispatched the program) until the copies are
-    enqueued, then makes the stream wait on their event. With PREGATED_JAX_DMA_DEVICE_WAIT=1 it instead
-    queues a device-side wait and returns at once (faster, but it deadlocks on an H100:
-    docs/benchmarks/h100-v6, h100-v7); `host_wait=True` keeps the blocking wait even then.
+    On a GPU, a kernel on the compute stream waits for the copies (not at all where every id is -1); the
+    host thread is never blocked, and XLA may record the call into a CUDA graph.
     """
     load()
     shapes = [jax.ShapeDtypeStruct(t.shape, t.dtype) for t in tables]
     aliases = {i: i for i in range(len(tables))}  # the tables pass through in place
     call = jax.ffi.ffi_call("pgj_fetch_done", shapes, input_output_aliases=aliases)
-    return list(call(*tables, *after, host_wait=bool(host_wait)))
+    return list(call(*tables, ids.astype(jnp.int32), token, *after))
+
+
+def check_device_wait() -> None:
+    """Raises RuntimeError with the first failure the GPU copies recorded since the last check (an expert id
+    out of range, or a done that waited over PREGATED_JAX_DMA_WAIT_TIMEOUT_S for its copies), and clears it.
+    Results computed since may be wrong. Cheap; the engine calls it after every generation."""
+    if "lib" not in _STATE:
+        return
+    import ctypes
+    buf = ctypes.create_string_buffer(2048)
+    if _STATE["lib"].PgjTakeFault(buf, ctypes.c_size_t(len(buf))):
+        raise RuntimeError(buf.value.decode(errors="replace"))
 
 
 def order_after(x: jax.Array, *after) -> jax.Array:
@@ -208,8 +235,17 @@ def order_after(x: jax.Array, *after) -> jax.Array:
     return call(x, *after)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m pregated_jax.native",
+                                     description="Builds the native expert-copy library and says where it is.")
+    parser.add_argument("--regenerate-ptx", action="store_true",
+                        help=f"recompile {KERNEL_SOURCE.name} into {KERNEL_PTX.name} with nvcc (after editing it)")
+    args = parser.parse_args(argv)
     try:
+        if args.regenerate_ptx:
+            KERNEL_PTX.write_text(kernel_ptx())
+            print(f"wrote {KERNEL_PTX}")
         load()
     except NativeUnavailable as e:
         print(f"native expert copies unavailable: {e}", file=sys.stderr)

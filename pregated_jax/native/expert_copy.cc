@@ -5,9 +5,8 @@
 //   pgj_fetch_start(ids s32[k], *after) -> (out_0 [k, ...], ..., out_{n-1} [k, ...], token s32[])
 //     attrs: srcs (int64[n], host addresses of n stacks [E, ...]), row_bytes (int64[n], bytes of one
 //            stack row), num_rows (int64, E)
-//   pgj_fetch_done(out_0, ..., out_{n-1}, *after) -> (out_0, ..., out_{n-1})   (outputs alias inputs)
-//     attrs: host_wait (bool: block XLA's thread even where PREGATED_JAX_DMA_DEVICE_WAIT=1 asks for a
-//            device-side wait)
+//   pgj_fetch_done(out_0, ..., out_{n-1}, ids s32[k], token s32[], *after) -> (out_0, ..., out_{n-1})
+//     ids, token: the start's; the outputs alias the tables.
 //   pgj_order(x, *after) -> x   (output aliases input)
 //     a no-op that orders x's consumers after `after`'s producers (e.g. a start that must be issued
 //     before the computation that reads x).
@@ -16,18 +15,23 @@
 //
 // Row i of every out_t receives row ids[i] of stack t, or zeros where ids[i] < 0.
 //
-// On a CUDA device, start only enqueues, on XLA's compute stream, a copy of the ids to pinned host memory
-// and an event, and hands the rest to a worker thread: it waits for the event (the routing decision has
-// been computed), then enqueues the row copies as copy-engine transfers on a separate copy stream and
-// marks them done. Consecutive expert ids become one transfer. Done blocks XLA's thread until the worker
-// has enqueued the copies, then makes the compute stream wait for their event; everything launched
-// between start and done runs on the SMs while the copy engine moves the bytes. With
-// PREGATED_JAX_DMA_DEVICE_WAIT=1 (where the driver has stream memory operations) and host_wait=false,
-// done instead returns at once: the copy stream advances a counter in device memory after each start's
-// copies (cuStreamWriteValue32) and the compute stream waits for the start's value (cuStreamWaitValue32).
-// It saves ~0.18 ms per decode step on an H100 but deadlocks there (see Copier::Done). A failure the
-// worker meets after its done has returned (an id out of range) is reported by the next start or done.
-// PREGATED_JAX_DMA_TRACE=1 prints every start, done and worker step to stderr.
+// On a CUDA device each call only launches a kernel (expert_copy_kernels.cu) on XLA's compute stream, so
+// the calls are command-buffer compatible: XLA may record them into CUDA graphs, and the thread that
+// launches the program never waits for the GPU. The start's kernel posts a request (its sequence number,
+// the ids, the tables' addresses) into a ring in pinned host memory and writes the number into the token.
+// A worker thread polls the ring, checks the ids and enqueues the copies as copy-engine transfers on a
+// copy stream (consecutive expert ids become one transfer), then a 4-byte copy that advances a counter in
+// device memory to the request's number. The done's kernel zeroes the rows of slots with id -1 and,
+// unless every id is -1, spins until the counter reaches the token. Everything launched between start
+// and done runs on the SMs while the copy engine moves the bytes, and a start that copies nothing (a
+// correct guess) is not waited for. The copy stream runs transfers only, never a kernel: the first design
+// zeroed empty slots with memsets there and deadlocked on an H100 (docs/benchmarks/h100-v6, h100-v7).
+//
+// Failures (an id out of range; a done that waited over PREGATED_JAX_DMA_WAIT_TIMEOUT_S seconds, default
+// 60, for its copies) are recorded in pinned memory: the next start or done that the host runs reports
+// it, and so does PgjTakeFault (native.check_device_wait, which the engine calls after every
+// generation). A request's copies are enqueued and its counter advanced even when it fails, so nothing
+// waits forever. PREGATED_JAX_DMA_TRACE=1 prints every request the worker handles to stderr.
 // (Copies that XLA emits itself for a device-side index are kernels reading host memory; they run in
 // series with the computation: docs/benchmarks/h100-copy-overlap.) The CUDA driver is opened with dlopen,
 // so the same library loads on machines without one, where only the CPU handlers are used.
@@ -40,12 +44,14 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <mutex>
 #include <thread>
 #include <string>
@@ -55,6 +61,7 @@
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+
 
 namespace {
 
@@ -142,10 +149,40 @@ ffi::Error StartCpu(ffi::Buffer<ffi::S32> ids, ffi::RemainingArgs /*after*/, ffi
   return ffi::Error::Success();
 }
 
-ffi::Error DoneCpu(ffi::RemainingArgs args, ffi::RemainingRets rets, bool /*host_wait*/) {
-  if (rets.size() == 0 || args.size() < rets.size()) {
-    return ffi::Error::InvalidArgument("pgj_fetch_done: expects the start's tables, then dependencies");
+// The done's operands: the start's n tables, its ids, its token, then dependencies.
+struct DoneOperands {
+  const int32_t* ids = nullptr;
+  size_t k = 0;
+  const int32_t* token = nullptr;
+};
+
+ffi::ErrorOr<DoneOperands> CheckDoneOperands(ffi::RemainingArgs& args, size_t n) {
+  if (n == 0 || args.size() < n + 2) {
+    return ffi::Unexpected(ffi::Error::InvalidArgument(
+        "pgj_fetch_done: expects the start's tables, its ids and its token, then dependencies; got " +
+        std::to_string(args.size()) + " operands for " + std::to_string(n) + " tables"));
   }
+  auto ids = args.get<ffi::Buffer<ffi::S32>>(n);
+  auto token = args.get<ffi::Buffer<ffi::S32>>(n + 1);
+  if (!ids.has_value() || !token.has_value() || token->element_count() != 1) {
+    return ffi::Unexpected(ffi::Error::InvalidArgument(
+        "pgj_fetch_done: operands " + std::to_string(n) + " and " + std::to_string(n + 1) +
+        " must be the start's ids (int32 [k]) and token (int32 scalar)"));
+  }
+  for (size_t t = 0; t < n; ++t) {
+    auto table = args.get<ffi::AnyBuffer>(t);
+    if (!table.has_value()) return ffi::Unexpected(table.error());
+    if (table->dimensions().size() == 0 || static_cast<size_t>(table->dimensions()[0]) != ids->element_count()) {
+      return ffi::Unexpected(ffi::Error::InvalidArgument(
+          "pgj_fetch_done: table " + std::to_string(t) + " does not have one row per id (" +
+          std::to_string(ids->element_count()) + " ids)"));
+    }
+  }
+  return DoneOperands{ids->typed_data(), ids->element_count(), token->typed_data()};
+}
+
+ffi::Error DoneCpu(ffi::RemainingArgs args, ffi::RemainingRets rets) {
+  if (auto ops = CheckDoneOperands(args, rets.size()); !ops.has_value()) return ops.error();
   for (size_t t = 0; t < rets.size(); ++t) {
     auto in = args.get<ffi::AnyBuffer>(t);
     auto out = rets.get<ffi::AnyBuffer>(t);
@@ -167,27 +204,24 @@ ffi::Error OrderCpu(ffi::AnyBuffer x, ffi::RemainingArgs /*after*/, ffi::Result<
 using CUresult = int;
 using CUdeviceptr = unsigned long long;
 using CUstream = void*;
-using CUevent = void*;
 using CUcontext = void*;
+using CUmodule = void*;
+using CUfunction = void*;
 
 struct Driver {
   CUresult (*ctx_get_current)(CUcontext*) = nullptr;
   CUresult (*ctx_set_current)(CUcontext) = nullptr;
-  CUresult (*event_query)(CUevent) = nullptr;
   CUresult (*stream_create)(CUstream*, unsigned) = nullptr;
   CUresult (*stream_synchronize)(CUstream) = nullptr;
-  CUresult (*stream_wait_event)(CUstream, CUevent, unsigned) = nullptr;
-  CUresult (*event_create)(CUevent*, unsigned) = nullptr;
-  CUresult (*event_record)(CUevent, CUstream) = nullptr;
   CUresult (*memcpy_htod)(CUdeviceptr, const void*, size_t, CUstream) = nullptr;
-  CUresult (*memcpy_dtoh)(void*, CUdeviceptr, size_t, CUstream) = nullptr;
   CUresult (*memcpy_dtod)(CUdeviceptr, CUdeviceptr, size_t, CUstream) = nullptr;
-  CUresult (*memset_d8)(CUdeviceptr, unsigned char, size_t, CUstream) = nullptr;
   CUresult (*mem_host_alloc)(void**, size_t, unsigned) = nullptr;
+  CUresult (*mem_host_get_device_pointer)(CUdeviceptr*, void*, unsigned) = nullptr;
   CUresult (*mem_alloc)(CUdeviceptr*, size_t) = nullptr;
-  // Stream memory operations (optional): a stream waits on / writes a 32-bit value in device memory.
-  CUresult (*stream_wait_value32)(CUstream, CUdeviceptr, uint32_t, unsigned) = nullptr;
-  CUresult (*stream_write_value32)(CUstream, CUdeviceptr, uint32_t, unsigned) = nullptr;
+  CUresult (*module_load_data)(CUmodule*, const void*) = nullptr;
+  CUresult (*module_get_function)(CUfunction*, CUmodule, const char*) = nullptr;
+  CUresult (*launch_kernel)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
+                            CUstream, void**, void**) = nullptr;
   CUresult (*get_error_string)(CUresult, const char**) = nullptr;
   std::string error;
 
@@ -205,37 +239,30 @@ struct Driver {
       };
       load(d->ctx_get_current, "cuCtxGetCurrent");
       load(d->ctx_set_current, "cuCtxSetCurrent");
-      load(d->event_query, "cuEventQuery");
       load(d->stream_create, "cuStreamCreate");
       load(d->stream_synchronize, "cuStreamSynchronize");
-      load(d->stream_wait_event, "cuStreamWaitEvent");
-      load(d->event_create, "cuEventCreate");
-      load(d->event_record, "cuEventRecord");
       load(d->memcpy_htod, "cuMemcpyHtoDAsync_v2");
-      load(d->memcpy_dtoh, "cuMemcpyDtoHAsync_v2");
       load(d->memcpy_dtod, "cuMemcpyDtoDAsync_v2");
-      load(d->memset_d8, "cuMemsetD8Async");
       load(d->mem_host_alloc, "cuMemHostAlloc");
-      load(d->get_error_string, "cuGetErrorString");
+      load(d->mem_host_get_device_pointer, "cuMemHostGetDevicePointer_v2");
       load(d->mem_alloc, "cuMemAlloc_v2");
-      auto optional = [&](auto& fn, const char* v2, const char* v1) {
-        void* f = dlsym(lib, v2);
-        if (f == nullptr) f = dlsym(lib, v1);
-        fn = reinterpret_cast<std::remove_reference_t<decltype(fn)>>(f);
-      };
-      optional(d->stream_wait_value32, "cuStreamWaitValue32_v2", "cuStreamWaitValue32");
-      optional(d->stream_write_value32, "cuStreamWriteValue32_v2", "cuStreamWriteValue32");
+      load(d->module_load_data, "cuModuleLoadData");
+      load(d->module_get_function, "cuModuleGetFunction");
+      load(d->launch_kernel, "cuLaunchKernel");
+      load(d->get_error_string, "cuGetErrorString");
       return d;
     }();
     return *d;
   }
 };
 
-ffi::Error CudaError(CUresult r, const char* what) {
+std::string CudaMessage(CUresult r, const std::string& what) {
   const char* msg = "unknown error";
   if (Driver::Get().get_error_string != nullptr) Driver::Get().get_error_string(r, &msg);
-  return ffi::Error::Internal(std::string("pgj_fetch: ") + what + " failed: " + msg);
+  return "pgj_fetch: " + what + " failed: " + msg;
 }
+
+ffi::Error CudaError(CUresult r, const std::string& what) { return ffi::Error::Internal(CudaMessage(r, what)); }
 
 #define PGJ_CU(call, what)                       \
   do {                                           \
@@ -243,33 +270,35 @@ ffi::Error CudaError(CUresult r, const char* what) {
     if (r_ != 0) return CudaError(r_, what);     \
   } while (0)
 
-// Per CUDA context: the copy stream and, with PREGATED_JAX_DMA_DEVICE_WAIT=1 where the driver supports stream
-// memory operations, a counter in device memory that the copy stream advances after each start's copies
-// (see Copier::Done).
-struct Channel {
-  CUstream copy_stream = nullptr;
-  CUdeviceptr counter = 0;  // 0: no device wait (not asked for, or unsupported); dones block the host
-  uint32_t next_seq = 0;
+// The PTX of expert_copy_kernels.cu (generated; see that file).
+const char kKernelsPtx[] =
+#include "expert_copy_kernels.ptx.inc"
+    ;
+
+// expert_copy_kernels.cu's structs, laid out alike.
+constexpr size_t kMaxTables = 4;
+constexpr size_t kMaxIds = 1024;
+
+struct Request {
+  uint32_t seq;
+  int32_t k, n, pad;
+  int64_t num_rows;
+  uint64_t src[kMaxTables], dst[kMaxTables], row[kMaxTables];
+  int32_t ids[kMaxIds];
 };
 
-// One start's copies, from the start (which only enqueues reading the ids) to the done.
-struct Ticket {
-  CUcontext ctx = nullptr;
-  Channel* channel = nullptr;
-  CUevent ids_ready = nullptr;  // recorded on the compute stream after the ids' device->host copy
-  CUevent copied = nullptr;     // recorded on the copy stream after the tables' copies
-  int32_t* ids = nullptr;       // pinned host memory, capacity `capacity`
-  size_t capacity = 0, k = 0;
-  int64_t num_rows = 0;
-  uint32_t seq = 0;  // the counter value the copy stream writes once these copies have landed
-  std::vector<const char*> src;
-  std::vector<CUdeviceptr> dst;
-  std::vector<size_t> rows;
-  bool enqueued = false;  // the worker has enqueued the copies and marked them (or failed)
-  bool done = false;      // the done has run (with a device wait, it does not wait for `enqueued`)
-  void* stream = nullptr;  // the compute stream of the start (for the trace)
-  std::string error;
+struct KernelTables {
+  uint64_t ptr[kMaxTables] = {0, 0, 0, 0};
+  uint64_t row[kMaxTables] = {0, 0, 0, 0};
+  int32_t n = 0;
 };
+
+struct Fault {
+  uint32_t code, seq, a, b;
+};
+
+constexpr uint32_t kRing = 256;    // requests in flight: a program has at most a few starts without their dones
+constexpr uint32_t kMarks = 4096;  // counter values in pinned memory, the sources of the counter's copies
 
 // Whether environment variable `name` is set to something other than empty or "0...".
 bool EnvFlag(const char* name) {
@@ -277,332 +306,287 @@ bool EnvFlag(const char* name) {
   return v != nullptr && v[0] != '\0' && v[0] != '0';
 }
 
-// PREGATED_JAX_DMA_TRACE=1: one line on stderr per start, done, drain and worker step (for debugging).
+// PREGATED_JAX_DMA_TRACE=1: one line on stderr per request the worker handles (for debugging).
 bool TraceOn() {
   static const bool on = EnvFlag("PREGATED_JAX_DMA_TRACE");
   return on;
 }
 
-void Trace(const char* what, unsigned long long key, uint32_t seq, size_t k, const void* stream = nullptr) {
-  if (!TraceOn()) return;
-  const auto us = std::chrono::duration_cast<std::chrono::microseconds>(
-                      std::chrono::steady_clock::now().time_since_epoch()).count();
-  std::fprintf(stderr, "pgj %lld %s key=%llx seq=%u k=%zu stream=%p tid=%ld\n", static_cast<long long>(us), what, key,
-               seq, k, stream, static_cast<long>(syscall(SYS_gettid)));
-  std::fflush(stderr);
+// PREGATED_JAX_DMA_WAIT_TIMEOUT_S: how long the done's kernel waits for copies before it records a fault.
+double WaitTimeoutS() {
+  static const double s = [] {
+    const char* v = std::getenv("PREGATED_JAX_DMA_WAIT_TIMEOUT_S");
+    const double x = (v != nullptr && v[0] != '\0') ? std::atof(v) : 60.0;
+    return x > 0 ? x : 60.0;
+  }();
+  return s;
 }
 
-// PREGATED_JAX_DMA_DEVICE_WAIT=1: dones inside a program wait on the device (the counter) instead of blocking
-// the host. Off by default: it deadlocked on an H100 (see Copier::Done).
-bool DeviceWaitEnabled() {
-  static const bool enabled = EnvFlag("PREGATED_JAX_DMA_DEVICE_WAIT");
-  return enabled;
-}
-
-// The worker: waits until a ticket's ids have reached the host, then enqueues its copies. It runs beside
-// XLA's thread, which meanwhile goes on launching the computation (a start never blocks it).
-class Copier {
+// Per CUDA context: the copy stream, the ring of requests, the counter, the kernels and the worker.
+class Channel {
  public:
-  static Copier& Get() {
-    static Copier* c = new Copier();  // never destroyed: its thread lives as long as the process
-    return *c;
+  // The channel of context `ctx`, created on first use. Creation runs on a thread of its own: the
+  // calling thread may be recording a CUDA graph, where allocating and synchronizing are not allowed.
+  static ffi::ErrorOr<Channel*> Of(CUcontext ctx) {
+    std::lock_guard<std::mutex> lock(RegistryMutex());
+    auto* channels = &Registry();
+    auto it = channels->find(ctx);
+    if (it != channels->end()) return it->second;
+    auto* c = new Channel();
+    std::string error;
+    std::thread([&] { error = c->Init(ctx); }).join();
+    if (!error.empty()) return ffi::Unexpected(ffi::Error::Internal(error));  // c leaks: creation is rare
+    (*channels)[ctx] = c;
+    std::thread([c, ctx] { c->Work(ctx); }).detach();  // lives as long as the process
+    return c;
   }
 
-  ffi::ErrorOr<Ticket*> Acquire(CUcontext ctx, size_t k) {
+  static void ForEach(const std::function<void(Channel*)>& fn) {
+    std::lock_guard<std::mutex> lock(RegistryMutex());
+    for (auto& [ctx, channel] : Registry()) fn(channel);
+  }
+
+  // Launches the start's kernel: posts the request, writes the token.
+  ffi::Error Post(CUstream stream, const int32_t* ids, size_t k, const KernelTables& src, const KernelTables& dst,
+                  int64_t num_rows, int32_t* token) {
     Driver& cu = Driver::Get();
-    std::unique_lock<std::mutex> lock(mu_);
-    Ticket* t = nullptr;
-    for (auto it = free_.begin(); it != free_.end(); ++it) {
-      if ((*it)->ctx == ctx && (*it)->capacity >= k) {
-        t = *it;
-        free_.erase(it);
-        break;
-      }
-    }
-    lock.unlock();
-    if (t == nullptr) {
-      t = new Ticket();
-      t->ctx = ctx;
-      t->capacity = std::max<size_t>(k, 256);
-      void* p = nullptr;
-      if (CUresult r = cu.mem_host_alloc(&p, t->capacity * sizeof(int32_t), 0)) return ffi::Unexpected(CudaError(r, "cuMemHostAlloc"));
-      t->ids = static_cast<int32_t*>(p);
-      if (CUresult r = cu.event_create(&t->ids_ready, 2)) return ffi::Unexpected(CudaError(r, "cuEventCreate"));
-      if (CUresult r = cu.event_create(&t->copied, 2)) return ffi::Unexpected(CudaError(r, "cuEventCreate"));
-      auto channel = GetChannel(ctx);
-      if (!channel.has_value()) return ffi::Unexpected(channel.error());
-      t->channel = *channel;
-    }
-    t->k = k;
-    t->enqueued = t->done = false;
-    t->error.clear();
-    t->src.clear();
-    t->dst.clear();
-    t->rows.clear();
-    return t;
-  }
-
-  // Hands the ticket to the worker; `key` (its first table) is how the done finds it.
-  void Submit(CUdeviceptr key, Ticket* t) {
-    std::lock_guard<std::mutex> lock(mu_);
-    t->seq = ++t->channel->next_seq;  // in queue order: the worker marks tickets in this order
-    Trace("submit", key, t->seq, t->k, t->stream);
-    in_flight_[key] = t;
-    queue_.push_back(t);
-    if (!thread_started_) {
-      std::thread([this] { Run(); }).detach();
-      thread_started_ = true;
-    }
-    cv_.notify_all();
-  }
-
-  // Makes `stream` wait for the copies into table `key`. By default XLA's thread blocks until the worker
-  // has enqueued the copies, then the stream waits on their event: the copies are always queued before
-  // anything waits for them. With PREGATED_JAX_DMA_DEVICE_WAIT=1 (and a counter), the stream instead
-  // waits on the device for the copy stream to pass the ticket's mark and XLA's thread goes on at once,
-  // so the copies may be queued after that wait. Since dones run on the thread that dispatches the
-  // program, that thread then returns long before the GPU is done, and the next dispatch is queued in
-  // time: ~0.18 ms per decode step on an H100 (docs/benchmarks/h100-v7). But it hung there
-  // (switch-large-128 speculative prefill; switch-base-128 on-demand at batch 8, reproducibly). It is not
-  // a shared hardware queue: batch 8 hung with CUDA_DEVICE_MAX_CONNECTIONS=32 too, and batch 1 ran with 1.
-  ffi::Error Done(CUstream stream, CUdeviceptr key, bool host_wait) {
-    Driver& cu = Driver::Get();
-    std::unique_lock<std::mutex> lock(mu_);
-    auto it = in_flight_.find(key);
-    if (it == in_flight_.end()) {
-      return ffi::Error::Internal("pgj_fetch_done: its tables did not come from pgj_fetch_start");
-    }
-    Ticket* t = it->second;
-    in_flight_.erase(it);
-    Trace(t->enqueued ? "done(enqueued)" : "done(pending)", key, t->seq, t->k, stream);
-    if (t->channel->counter != 0 && !host_wait) {
-      const CUdeviceptr counter = t->channel->counter;
-      const uint32_t seq = t->seq;
-      std::string error = t->enqueued ? t->error : "";
-      t->done = true;
-      if (t->enqueued) ReleaseLocked(t);  // else the worker releases it
-      if (error.empty()) error = TakeLaterError();
-      lock.unlock();
-      if (!error.empty()) return ffi::Error::InvalidArgument(error);
-      PGJ_CU(cu.stream_wait_value32(stream, counter, seq, /*CU_STREAM_WAIT_VALUE_GEQ=*/0), "cuStreamWaitValue32");
-      return ffi::Error::Success();
-    }
-    cv_.wait(lock, [t] { return t->enqueued; });
-    lock.unlock();
-    const std::string error = t->error;
-    CUresult waited = 0;
-    if (error.empty()) {
-      waited = cu.stream_wait_event(stream, t->copied, 0);
-    } else {
-      cu.stream_synchronize(t->channel->copy_stream);  // nothing of it may still be running
-    }
-    lock.lock();
-    t->done = true;
-    ReleaseLocked(t);  // after the wait: a reuse re-records its events
-    lock.unlock();
-    if (!error.empty()) return ffi::Error::InvalidArgument(error);
-    if (waited != 0) return CudaError(waited, "cuStreamWaitEvent");
+    CUdeviceptr ids_ptr = reinterpret_cast<CUdeviceptr>(ids), token_ptr = reinterpret_cast<CUdeviceptr>(token);
+    int k32 = static_cast<int>(k);
+    unsigned ring_size = kRing;
+    KernelTables s = src, d = dst;
+    void* params[] = {&ids_ptr, &k32, &next_seq_, &ring_device_, &ring_size, &token_ptr, &s, &d, &num_rows};
+    PGJ_CU(cu.launch_kernel(post_, 1, 1, 1, 256, 1, 1, 0, stream, params, nullptr), "launching pgj_post");
     return ffi::Error::Success();
   }
 
-  // A new start writes to `key` while an older ticket for it was never waited for (its program failed
-  // between start and done): let the old copies finish before the memory is written again.
-  void Drain(CUdeviceptr key) {
-    std::unique_lock<std::mutex> lock(mu_);
-    auto it = in_flight_.find(key);
-    if (it == in_flight_.end()) return;
-    Ticket* t = it->second;
-    in_flight_.erase(it);
-    Trace("drain", key, t->seq, t->k);
-    cv_.wait(lock, [t] { return t->enqueued; });
-    Trace("drained", key, t->seq, t->k);
-    t->done = true;
-    ReleaseLocked(t);
-    CUstream copy_stream = t->channel->copy_stream;
-    lock.unlock();
-    Driver::Get().stream_synchronize(copy_stream);
+  // Launches the done's kernel: zero the empty rows, wait for the copies unless there are none.
+  ffi::Error Wait(CUstream stream, const int32_t* ids, size_t k, const int32_t* token, const KernelTables& tables) {
+    Driver& cu = Driver::Get();
+    CUdeviceptr ids_ptr = reinterpret_cast<CUdeviceptr>(ids), token_ptr = reinterpret_cast<CUdeviceptr>(token);
+    int k32 = static_cast<int>(k);
+    unsigned long long timeout_ns = static_cast<unsigned long long>(WaitTimeoutS() * 1e9);
+    KernelTables t = tables;
+    void* params[] = {&ids_ptr, &k32, &token_ptr, &counter_, &timeout_ns, &fault_device_, &t};
+    size_t bytes = 0;
+    for (int j = 0; j < tables.n; ++j) bytes += k * tables.row[j];
+    // Enough threads to zero empty rows at memory bandwidth; blocks with nothing to zero exit at once.
+    const unsigned blocks = static_cast<unsigned>(std::clamp<size_t>(bytes / (256 * 16 * 8), 1, 256));
+    PGJ_CU(cu.launch_kernel(wait_fill_, blocks, 1, 1, 256, 1, 1, 0, stream, params, nullptr),
+           "launching pgj_wait_fill");
+    return ffi::Error::Success();
   }
 
-  void Release(Ticket* t) {
+  // A recorded failure ("" if none), cleared: the next one is reported afresh.
+  std::string TakeFault() {
     std::lock_guard<std::mutex> lock(mu_);
-    ReleaseLocked(t);
-  }
-
-  // An error a worker met after its ticket's done had returned: reported by the next start or done.
-  std::string TakeLaterError() {
-    std::string e;
-    e.swap(later_error_);
-    return e;
-  }
-
-  std::string TakeLaterErrorLocking() {
-    std::lock_guard<std::mutex> lock(mu_);
-    return TakeLaterError();
+    std::string message;
+    if (fault_ != nullptr && fault_->code != 0) {
+      message = "pgj_fetch_done: the device waited over PREGATED_JAX_DMA_WAIT_TIMEOUT_S (" +
+                std::to_string(WaitTimeoutS()) + " s) for the copies of request #" + std::to_string(fault_->seq) +
+                " (the copy stream had reached #" + std::to_string(fault_->a) +
+                "); results computed since may be wrong. PREGATED_JAX_DMA_TRACE=1 traces the requests, and "
+                "EngineConfig(copy_method=\"xla\") avoids these copies";
+      fault_->code = 0;
+    } else {
+      message.swap(worker_error_);
+    }
+    return message;
   }
 
  private:
-  void ReleaseLocked(Ticket* t) { free_.push_back(t); }
-
-  // The context's channel; where the device wait is asked for, probes once whether the driver runs stream
-  // memory operations.
-  ffi::ErrorOr<Channel*> GetChannel(CUcontext ctx) {
-    Driver& cu = Driver::Get();
-    std::lock_guard<std::mutex> lock(mu_);
-    Channel*& channel = channels_[ctx];
-    if (channel != nullptr) return channel;
-    auto* c = new Channel();
-    if (CUresult r = cu.stream_create(&c->copy_stream, /*CU_STREAM_NON_BLOCKING=*/1)) {
-      delete c;
-      return ffi::Unexpected(CudaError(r, "cuStreamCreate"));
-    }
-    CUdeviceptr counter = 0;
-    if (DeviceWaitEnabled() && cu.stream_wait_value32 != nullptr && cu.stream_write_value32 != nullptr &&
-        cu.mem_alloc(&counter, 4) == 0 &&
-        cu.memset_d8(counter, 0, 4, c->copy_stream) == 0 &&
-        cu.stream_write_value32(c->copy_stream, counter, 0, 0) == 0 &&
-        cu.stream_wait_value32(c->copy_stream, counter, 0, /*GEQ*/ 0) == 0 &&
-        cu.stream_synchronize(c->copy_stream) == 0) {
-      c->counter = counter;
-    }
-    channel = c;
-    return channel;
+  static std::mutex& RegistryMutex() {
+    static auto* mu = new std::mutex();
+    return *mu;
+  }
+  static std::unordered_map<CUcontext, Channel*>& Registry() {
+    static auto* channels = new std::unordered_map<CUcontext, Channel*>();
+    return *channels;
   }
 
-  void Run() {
+  std::string Init(CUcontext ctx) {
     Driver& cu = Driver::Get();
-    CUcontext current = nullptr;
+    if (CUresult r = cu.ctx_set_current(ctx)) return CudaMessage(r, "cuCtxSetCurrent");
+    void *ring = nullptr, *marks = nullptr, *fault = nullptr;
+    CUmodule module = nullptr;
+    auto check = [](CUresult r, const char* what) { return r == 0 ? std::string() : CudaMessage(r, what); };
+    std::string e;
+    if ((e = check(cu.stream_create(&copy_stream_, /*CU_STREAM_NON_BLOCKING=*/1), "cuStreamCreate")).size()) return e;
+    if ((e = check(cu.mem_alloc(&counter_, 2 * sizeof(uint32_t)), "cuMemAlloc (counters)")).size()) return e;
+    next_seq_ = counter_ + sizeof(uint32_t);
+    const unsigned mapped = /*CU_MEMHOSTALLOC_DEVICEMAP=*/2;
+    if ((e = check(cu.mem_host_alloc(&ring, kRing * sizeof(Request), mapped), "cuMemHostAlloc (requests)")).size()) return e;
+    std::memset(ring, 0, kRing * sizeof(Request));
+    ring_ = static_cast<Request*>(ring);
+    if ((e = check(cu.mem_host_get_device_pointer(&ring_device_, ring, 0), "cuMemHostGetDevicePointer")).size()) return e;
+    if ((e = check(cu.mem_host_alloc(&marks, kMarks * sizeof(uint32_t), 0), "cuMemHostAlloc (marks)")).size()) return e;
+    std::memset(marks, 0, kMarks * sizeof(uint32_t));
+    marks_ = static_cast<uint32_t*>(marks);
+    if ((e = check(cu.mem_host_alloc(&fault, sizeof(Fault), mapped), "cuMemHostAlloc (fault)")).size()) return e;
+    std::memset(fault, 0, sizeof(Fault));
+    fault_ = static_cast<volatile Fault*>(fault);
+    if ((e = check(cu.mem_host_get_device_pointer(&fault_device_, fault, 0), "cuMemHostGetDevicePointer")).size()) return e;
+    static const uint32_t zeros[2] = {0, 0};
+    if ((e = check(cu.memcpy_htod(counter_, zeros, sizeof(zeros), copy_stream_), "zeroing the counters")).size()) return e;
+    if ((e = check(cu.stream_synchronize(copy_stream_), "zeroing the counters")).size()) return e;
+    if ((e = check(cu.module_load_data(&module, kKernelsPtx),
+                   "loading the kernels' PTX (it targets sm_75 and later; use copy_method=\"xla\" on older GPUs)"))
+            .size()) {
+      return e;
+    }
+    if ((e = check(cu.module_get_function(&post_, module, "pgj_post"), "cuModuleGetFunction")).size()) return e;
+    if ((e = check(cu.module_get_function(&wait_fill_, module, "pgj_wait_fill"), "cuModuleGetFunction")).size()) return e;
+    return "";
+  }
+
+  // The worker: handles requests in order. It spins while requests keep coming and naps after 200 ms
+  // without one (then a request waits up to ~50 us longer).
+  void Work(CUcontext ctx) {
+    Driver::Get().ctx_set_current(ctx);
+    uint32_t expected = 1;
+    auto last = std::chrono::steady_clock::now();
     for (;;) {
-      Ticket* t;
-      {
-        std::unique_lock<std::mutex> lock(mu_);
-        cv_.wait(lock, [this] { return !queue_.empty(); });
-        t = queue_.front();
-        queue_.erase(queue_.begin());
-      }
-      if (t->ctx != current) {
-        cu.ctx_set_current(t->ctx);
-        current = t->ctx;
-      }
-      Trace("worker-begin", t->dst.empty() ? 0 : t->dst[0], t->seq, t->k);
-      Enqueue(cu, t);
-      Trace(t->error.empty() ? "worker-enqueued" : "worker-failed", t->dst.empty() ? 0 : t->dst[0], t->seq, t->k);
-      const CUstream copy_stream = t->channel->copy_stream;
-      const CUdeviceptr counter = t->channel->counter;
-      const uint32_t seq = t->seq;
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        t->enqueued = true;
-        if (t->done) {  // its done has returned already: report a failure later, recycle the ticket
-          if (!t->error.empty() && later_error_.empty()) later_error_ = t->error;
-          ReleaseLocked(t);
+      volatile Request* r = ring_ + expected % kRing;
+      const uint32_t seq = r->seq;
+      if (seq != expected) {
+        if (static_cast<int32_t>(seq - expected) > 0) {  // lapped: requests were overwritten unread
+          Fail("pgj_fetch: request #" + std::to_string(expected) + " was overwritten by #" + std::to_string(seq) +
+               " before the copy worker read it (more than " + std::to_string(kRing) + " starts without their dones)");
+          expected = seq;
+          continue;
         }
-      }
-      cv_.notify_all();
-      // Advanced after the failure is on record (so whoever the mark releases sees it), failed or not
-      // (so that no stream waits forever).
-      if (counter != 0) {
-        if (CUresult r = cu.stream_write_value32(copy_stream, counter, seq, 0)) {
-          std::lock_guard<std::mutex> lock(mu_);
-          if (later_error_.empty()) later_error_ = CudaError(r, "cuStreamWriteValue32").message();
+        if (std::chrono::steady_clock::now() - last < std::chrono::milliseconds(200)) {
+          std::this_thread::yield();
+        } else {
+          std::this_thread::sleep_for(std::chrono::microseconds(50));
         }
+        continue;
       }
+      std::atomic_thread_fence(std::memory_order_acquire);
+      Handle(r, seq);
+      last = std::chrono::steady_clock::now();
+      ++expected;
     }
   }
 
-  static void Enqueue(Driver& cu, Ticket* t) {
-    // Everything the compute stream ran before the start is done once the ids are here, including
-    // earlier users of the tables' memory.
-    // Polled, not cuEventSynchronize: under XLA's blocking-sync context a sleeping wait wakes tens of
-    // microseconds late, and every microsecond here delays the copy.
-    CUresult r;
-    while ((r = cu.event_query(t->ids_ready)) == /*CUDA_ERROR_NOT_READY=*/600) std::this_thread::yield();
-    if (r != 0) {
-      t->error = CudaError(r, "waiting for the expert ids").message();
-      return;
+  // Copies request `seq`'s experts, then advances the counter (also when the request fails).
+  void Handle(volatile Request* r, uint32_t seq) {
+    Driver& cu = Driver::Get();
+    const size_t k = static_cast<size_t>(r->k), n = static_cast<size_t>(r->n);
+    const int64_t num_rows = r->num_rows;
+    std::vector<int32_t> ids(k);
+    for (size_t i = 0; i < k; ++i) ids[i] = r->ids[i];
+    if (TraceOn()) {
+      const auto us = std::chrono::duration_cast<std::chrono::microseconds>(
+                          std::chrono::steady_clock::now().time_since_epoch()).count();
+      std::string list;
+      for (size_t i = 0; i < std::min<size_t>(k, 16); ++i) list += (i ? "," : "") + std::to_string(ids[i]);
+      std::fprintf(stderr, "pgj %lld request #%u k=%zu n=%zu dst=%llx ids=[%s%s]\n", static_cast<long long>(us), seq,
+                   k, n, static_cast<unsigned long long>(r->dst[0]), list.c_str(), k > 16 ? ",..." : "");
+      std::fflush(stderr);
     }
-    if (ffi::Error err = CheckIds(t->ids, t->k, t->num_rows); err.failure()) {
-      t->error = err.message();
-      return;
-    }
-    CUstream copy_stream = t->channel->copy_stream;
-    for (size_t n = 0; n < t->src.size(); ++n) {
-      const size_t row = t->rows[n];
-      CUresult failed = 0;
-      ForEachRun(
-          t->ids, t->k,
-          [&](size_t slot, size_t e, size_t count) {
-            if (CUresult r = cu.memcpy_htod(t->dst[n] + slot * row, t->src[n] + e * row, count * row, copy_stream)) failed = r;
-          },
-          [&](size_t slot, size_t count) {
-            if (CUresult r = cu.memset_d8(t->dst[n] + slot * row, 0, count * row, copy_stream)) failed = r;
-          });
-      if (failed != 0) {
-        t->error = CudaError(failed, "enqueueing an expert copy").message();
-        return;
+    if (ffi::Error err = CheckIds(ids.data(), k, num_rows); err.failure()) {
+      Fail(err.message());
+    } else {
+      for (size_t t = 0; t < n; ++t) {
+        const char* src = reinterpret_cast<const char*>(r->src[t]);
+        const CUdeviceptr dst = r->dst[t];
+        const size_t row = r->row[t];
+        CUresult failed = 0;
+        ForEachRun(
+            ids.data(), k,
+            [&](size_t slot, size_t e, size_t count) {
+              if (CUresult c = cu.memcpy_htod(dst + slot * row, src + e * row, count * row, copy_stream_)) failed = c;
+            },
+            [](size_t, size_t) {});  // empty slots: the done's kernel zeroes them
+        if (failed != 0) Fail(CudaMessage(failed, "enqueueing an expert copy"));
       }
     }
-    if (CUresult r = cu.event_record(t->copied, copy_stream)) t->error = CudaError(r, "cuEventRecord").message();
+    uint32_t* mark = marks_ + seq % kMarks;
+    *mark = seq;
+    if (CUresult c = cu.memcpy_htod(counter_, mark, sizeof(uint32_t), copy_stream_)) {
+      Fail(CudaMessage(c, "advancing the copy counter"));
+    }
+  }
+
+  void Fail(const std::string& message) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (worker_error_.empty()) worker_error_ = message;
   }
 
   std::mutex mu_;
-  std::condition_variable cv_;
-  std::vector<Ticket*> queue_, free_;
-  std::unordered_map<CUdeviceptr, Ticket*> in_flight_;
-  std::unordered_map<CUcontext, Channel*> channels_;
-  std::string later_error_;
-  bool thread_started_ = false;
+  std::string worker_error_;  // the first failure the worker met since the last TakeFault
+  CUstream copy_stream_ = nullptr;
+  CUdeviceptr counter_ = 0;   // device uint32: the number of the last request whose copies landed
+  CUdeviceptr next_seq_ = 0;  // device uint32: the number of the last request posted
+  Request* ring_ = nullptr;   // pinned [kRing]; request s lives in slot s % kRing
+  CUdeviceptr ring_device_ = 0;
+  uint32_t* marks_ = nullptr;  // pinned [kMarks]: marks[s % kMarks] = s, the source of the counter's copy
+  volatile Fault* fault_ = nullptr;  // pinned: a done's kernel records a timed-out wait here
+  CUdeviceptr fault_device_ = 0;
+  CUfunction post_ = nullptr, wait_fill_ = nullptr;
 };
+
+// The channel of the current context, after reporting any failure recorded there.
+ffi::ErrorOr<Channel*> CurrentChannel(const char* call) {
+  Driver& cu = Driver::Get();
+  if (!cu.error.empty()) return ffi::Unexpected(ffi::Error::Internal(std::string(call) + ": " + cu.error));
+  CUcontext ctx = nullptr;
+  if (cu.ctx_get_current(&ctx) != 0 || ctx == nullptr) {
+    return ffi::Unexpected(ffi::Error::Internal(std::string(call) + ": no current CUDA context"));
+  }
+  auto channel = Channel::Of(ctx);
+  if (!channel.has_value()) return channel;
+  if (std::string fault = (*channel)->TakeFault(); !fault.empty()) {
+    return ffi::Unexpected(ffi::Error::InvalidArgument(fault));
+  }
+  return channel;
+}
 
 ffi::Error StartCuda(void* stream, ffi::Buffer<ffi::S32> ids, ffi::RemainingArgs /*after*/, ffi::RemainingRets rets,
                      ffi::Span<const int64_t> srcs, ffi::Span<const int64_t> row_bytes, int64_t num_rows) {
   const size_t k = ids.element_count();
   auto plan = MakePlan(k, rets, srcs, row_bytes);
   if (!plan.has_value()) return plan.error();
-  Driver& cu = Driver::Get();
-  if (!cu.error.empty()) return ffi::Error::Internal("pgj_fetch_start: " + cu.error);
-  Copier& copier = Copier::Get();
-  if (std::string later = copier.TakeLaterErrorLocking(); !later.empty()) return ffi::Error::InvalidArgument(later);
-  CUcontext ctx = nullptr;
-  if (cu.ctx_get_current(&ctx) != 0 || ctx == nullptr) return ffi::Error::Internal("pgj_fetch_start: no current CUDA context");
-  const CUdeviceptr key = reinterpret_cast<CUdeviceptr>(plan->dst[0]);
-  copier.Drain(key);
-  auto acquired = copier.Acquire(ctx, k);
-  if (!acquired.has_value()) return acquired.error();
-  Ticket* t = *acquired;
-  t->num_rows = num_rows;
-  for (size_t n = 0; n < srcs.size(); ++n) {
-    t->src.push_back(reinterpret_cast<const char*>(srcs[n]));
-    t->dst.push_back(reinterpret_cast<CUdeviceptr>(plan->dst[n]));
-    t->rows.push_back(plan->rows[n]);
+  if (k > kMaxIds || srcs.size() > kMaxTables) {
+    return ffi::Error::InvalidArgument("pgj_fetch_start: at most " + std::to_string(kMaxIds) + " ids and " +
+                                       std::to_string(kMaxTables) + " stacks on a GPU, got " + std::to_string(k) +
+                                       " and " + std::to_string(srcs.size()));
   }
-  // Only enqueued here: the ids reach the host when the compute stream gets to this point.
-  CUresult r = cu.memcpy_dtoh(t->ids, reinterpret_cast<CUdeviceptr>(ids.typed_data()), k * sizeof(int32_t), stream);
-  if (r == 0) r = cu.event_record(t->ids_ready, stream);
-  t->stream = stream;
-  if (r == 0) r = cu.memset_d8(reinterpret_cast<CUdeviceptr>(plan->token), 0, sizeof(int32_t), stream);
-  if (r != 0) {
-    copier.Release(t);
-    return CudaError(r, "enqueueing the expert ids' copy");
+  auto channel = CurrentChannel("pgj_fetch_start");
+  if (!channel.has_value()) return channel.error();
+  KernelTables src, dst;
+  src.n = dst.n = static_cast<int32_t>(srcs.size());
+  for (size_t t = 0; t < srcs.size(); ++t) {
+    src.ptr[t] = static_cast<uint64_t>(srcs[t]);
+    src.row[t] = dst.row[t] = plan->rows[t];
+    dst.ptr[t] = reinterpret_cast<uint64_t>(plan->dst[t]);
   }
-  copier.Submit(key, t);
-  return ffi::Error::Success();
+  return (*channel)->Post(stream, ids.typed_data(), k, src, dst, num_rows, reinterpret_cast<int32_t*>(plan->token));
 }
 
-ffi::Error DoneCuda(void* stream, ffi::RemainingArgs args, ffi::RemainingRets rets, bool host_wait) {
+ffi::Error DoneCuda(void* stream, ffi::RemainingArgs args, ffi::RemainingRets rets) {
+  const size_t n = rets.size();
+  auto ops = CheckDoneOperands(args, n);
+  if (!ops.has_value()) return ops.error();
+  if (n > kMaxTables) {
+    return ffi::Error::InvalidArgument("pgj_fetch_done: at most " + std::to_string(kMaxTables) + " tables, got " +
+                                       std::to_string(n));
+  }
+  auto channel = CurrentChannel("pgj_fetch_done");
+  if (!channel.has_value()) return channel.error();
+  KernelTables tables;
+  tables.n = static_cast<int32_t>(n);
+  for (size_t t = 0; t < n; ++t) {
+    auto in = args.get<ffi::AnyBuffer>(t);
+    tables.ptr[t] = reinterpret_cast<uint64_t>(in->untyped_data());
+    tables.row[t] = ops->k == 0 ? 0 : in->size_bytes() / ops->k;
+  }
+  if (ffi::Error err = (*channel)->Wait(stream, ops->ids, ops->k, ops->token, tables); err.failure()) return err;
   Driver& cu = Driver::Get();
-  if (!cu.error.empty()) return ffi::Error::Internal("pgj_fetch_done: " + cu.error);
-  if (rets.size() == 0 || args.size() < rets.size()) {
-    return ffi::Error::InvalidArgument("pgj_fetch_done: expects the start's tables, then dependencies");
-  }
-  auto first = args.get<ffi::AnyBuffer>(0);
-  if (!first.has_value()) return first.error();
-  if (ffi::Error err = Copier::Get().Done(stream, reinterpret_cast<CUdeviceptr>(first->untyped_data()), host_wait); err.failure()) {
-    return err;
-  }
-  for (size_t n = 0; n < rets.size(); ++n) {
-    auto in = args.get<ffi::AnyBuffer>(n);
-    auto out = rets.get<ffi::AnyBuffer>(n);
-    if (!in.has_value() || !out.has_value()) return ffi::Error::InvalidArgument("pgj_fetch_done: bad operands");
+  for (size_t t = 0; t < n; ++t) {  // where XLA did not alias a result to its table: copy, after the wait
+    auto in = args.get<ffi::AnyBuffer>(t);
+    auto out = rets.get<ffi::AnyBuffer>(t);
+    if (!out.has_value()) return ffi::Error::InvalidArgument("pgj_fetch_done: bad results");
     if (in->untyped_data() != (*out)->untyped_data()) {
       PGJ_CU(cu.memcpy_dtod(reinterpret_cast<CUdeviceptr>((*out)->untyped_data()),
                             reinterpret_cast<CUdeviceptr>(in->untyped_data()), in->size_bytes(), stream),
@@ -624,6 +608,23 @@ ffi::Error OrderCuda(void* stream, ffi::AnyBuffer x, ffi::RemainingArgs /*after*
 
 }  // namespace
 
+// For Python (ctypes): writes the first failure recorded on any GPU since the last call into buf
+// (NUL-terminated, truncated to size) and clears it -> 1 if there was one, else 0.
+extern "C" int PgjTakeFault(char* buf, size_t size) {
+  if (!Driver::Get().error.empty()) return 0;
+  std::string fault;
+  Channel::ForEach([&](Channel* c) {
+    if (fault.empty()) fault = c->TakeFault();
+  });
+  if (fault.empty()) return 0;
+  if (size > 0) {
+    const size_t n = std::min(size - 1, fault.size());
+    std::memcpy(buf, fault.data(), n);
+    buf[n] = '\0';
+  }
+  return 1;
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PgjOrderCpu, OrderCpu,
                               ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().RemainingArgs().Ret<ffi::AnyBuffer>());
 
@@ -632,7 +633,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PgjOrderCuda, OrderCuda,
                                   .Ctx<ffi::PlatformStream<void*>>()
                                   .Arg<ffi::AnyBuffer>()
                                   .RemainingArgs()
-                                  .Ret<ffi::AnyBuffer>());
+                                  .Ret<ffi::AnyBuffer>(),
+                              {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PgjFetchStartCpu, StartCpu,
                               ffi::Ffi::Bind()
@@ -643,8 +645,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PgjFetchStartCpu, StartCpu,
                                   .Attr<ffi::Span<const int64_t>>("row_bytes")
                                   .Attr<int64_t>("num_rows"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PgjFetchDoneCpu, DoneCpu,
-                              ffi::Ffi::Bind().RemainingArgs().RemainingRets().Attr<bool>("host_wait"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PgjFetchDoneCpu, DoneCpu, ffi::Ffi::Bind().RemainingArgs().RemainingRets());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PgjFetchStartCuda, StartCuda,
                               ffi::Ffi::Bind()
@@ -654,11 +655,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PgjFetchStartCuda, StartCuda,
                                   .RemainingRets()
                                   .Attr<ffi::Span<const int64_t>>("srcs")
                                   .Attr<ffi::Span<const int64_t>>("row_bytes")
-                                  .Attr<int64_t>("num_rows"));
+                                  .Attr<int64_t>("num_rows"),
+                              {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PgjFetchDoneCuda, DoneCuda,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<void*>>()
-                                  .RemainingArgs()
-                                  .RemainingRets()
-                                  .Attr<bool>("host_wait"));
+                              ffi::Ffi::Bind().Ctx<ffi::PlatformStream<void*>>().RemainingArgs().RemainingRets(),
+                              {ffi::Traits::kCmdBufferCompatible});
