@@ -48,8 +48,12 @@ def parse_args(argv=None):
                    help="bound the engine's expert buffers (pregated mode only)")
     p.add_argument("--decode-steps-per-call", type=int, default=None,
                    help="decode steps per dispatch of the engine's jitted step (default: EngineConfig's)")
-    p.add_argument("--guess-first-block", action="store_true",
-                   help="pregated/speculative: guess the first decoder MoE block's experts (EngineConfig)")
+    p.add_argument("--guess-first-block", choices=["auto", "on", "off"], default="auto",
+                   help="pregated/speculative: guess the first decoder MoE block's experts (EngineConfig; auto: "
+                   "at batch x beams = 1)")
+    p.add_argument("--xla-command-buffers", choices=["loops", "xla-default"], default="loops",
+                   help="loops: record the decode loop as one CUDA graph (pregated_jax.engine.xla_flags; unless "
+                   "XLA_FLAGS sets command buffers); xla-default: leave XLA_FLAGS alone")
     p.add_argument("--prefill-copy", choices=["routed", "whole"], default="routed",
                    help="prefill copies the routed experts (default) or whole MoE blocks")
     p.add_argument("--copy-method", choices=["auto", "xla", "dma"], default="auto",
@@ -93,7 +97,7 @@ def engine_worker(args):
         kw.update(device_budget_bytes=int(args.device_budget_gib * 2**30))
     if args.decode_steps_per_call is not None:
         kw.update(decode_steps_per_call=args.decode_steps_per_call)
-    engine = InferenceEngine(model, mode=args.mode, stop_when_finished=False, guess_first_block=args.guess_first_block,
+    engine = InferenceEngine(model, mode=args.mode, stop_when_finished=False, guess_first_block=GUESS[args.guess_first_block],
                              prefill_routed_only=args.prefill_copy == "routed", copy_method=args.copy_method, **kw)
     del model
     build_s = time.perf_counter() - t0
@@ -120,7 +124,7 @@ def engine_worker(args):
                         moe_block_ms=moe_block_ms, compile_s=compile_s, build_s=build_s,
                         cache=args.cache, device=str(jax.devices()[0].device_kind),
                         decode_steps_per_call=engine.config.decode_steps_per_call, prefill_copy=args.prefill_copy,
-                        guess_first_block=engine.config.guess_first_block,
+                        guess_first_block=args.guess_first_block,
                         copy_method=engine.copy_method, miss_copy_method=engine.miss_copy_method,
                         dma_wait="kernel" if engine.copy_method == "dma" else None,  # (h100-v9 on)
                         xla_flags=os.environ.get("XLA_FLAGS"),
@@ -154,7 +158,7 @@ def spawn(args, worker, preset, mode) -> list[dict]:
            "--copy-method", args.copy_method] + \
           ([] if args.decode_steps_per_call is None else ["--decode-steps-per-call", str(args.decode_steps_per_call)]) + \
           (["--tiny"] if args.tiny else []) + \
-          (["--guess-first-block"] if args.guess_first_block else []) + \
+          ["--guess-first-block", args.guess_first_block] + \
           (["--profile-all-rows"] if args.profile_all_rows else [])
     if args.cache:
         cmd += ["--cache", args.cache] + (["--cache-experts", str(args.cache_experts)] if args.cache_experts else [])
@@ -296,8 +300,14 @@ def plot(out: Path, rows: list[dict]) -> None:
     plt.close(fig)
 
 
+GUESS = {"auto": None, "on": True, "off": False}  # --guess-first-block -> EngineConfig.guess_first_block
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.xla_command_buffers == "loops" and args.worker is None:
+        from pregated_jax.engine.xla_flags import use_command_buffer_loops
+        use_command_buffer_loops()  # before any JAX computation; the workers inherit it
     if args.worker == "engine":
         return engine_worker(args)
     if args.worker == "peer":

@@ -41,9 +41,13 @@ def parse_args(argv=None):
     p.add_argument("--device_budget_gib", type=float, help="bound for the engine's expert buffers")
     p.add_argument("--decode_steps_per_call", type=int, default=EngineConfig.decode_steps_per_call,
                    help="decode steps per dispatch (a loop inside the jitted step that stops at EOS; same tokens)")
-    p.add_argument("--guess_first_block", action="store_true",
+    p.add_argument("--guess_first_block", choices=["auto", "on", "off"], default="auto",
                    help="pregated/speculative: start copying the first decoder MoE block's experts of the "
-                   "previous step before its gate runs (EngineConfig.guess_first_block; same tokens)")
+                   "previous step before its gate runs (EngineConfig.guess_first_block; same tokens; auto: "
+                   "when batch x beams = 1)")
+    p.add_argument("--xla_command_buffers", choices=["loops", "xla-default"], default="loops",
+                   help="loops: run the decode loop as one CUDA graph (pregated_jax.engine.xla_flags; unless "
+                   "XLA_FLAGS sets command buffers); xla-default: leave XLA_FLAGS alone")
     p.add_argument("--copy_method", choices=["auto", "xla", "dma"], default=EngineConfig.copy_method,
                    help="how routed experts are copied: dma (native copy-engine transfers that overlap "
                    "computation), xla (XLA's copy kernels), auto (dma on a GPU when it builds)")
@@ -72,6 +76,9 @@ def read_inputs(args) -> list[str]:
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.xla_command_buffers == "loops":
+        from pregated_jax.engine.xla_flags import use_command_buffer_loops
+        use_command_buffer_loops()  # before the first JAX computation
     import numpy as np
     from tqdm import tqdm
 
@@ -87,7 +94,7 @@ def main(argv=None):
     engine = InferenceEngine(model, mode=mode, cache_policy=args.cache, cache_experts=args.cache_experts,
                              device_budget_bytes=int(args.device_budget_gib * 2**30) if args.device_budget_gib else None,
                              decode_steps_per_call=args.decode_steps_per_call, copy_method=args.copy_method,
-                             guess_first_block=args.guess_first_block)
+                             guess_first_block={"auto": None, "on": True, "off": False}[args.guess_first_block])
     del model
     tok = Tokenizer(vocabulary_for(args.checkpoint))
     print(f"{cfg.num_experts} experts x {len(cfg.sparse_blocks('encoder')) + len(cfg.sparse_blocks('decoder'))} "

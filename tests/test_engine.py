@@ -227,7 +227,7 @@ def test_dma_first_block_fetch_is_queued_before_the_next_prefetch(routing):
     as it likes, so the prefetch's start must take the own start's token as an operand."""
     cfg = get_preset("tiny", routing=routing, num_experts=8, expert_capacity=6)
     engine = InferenceEngine(SwitchTransformer(cfg, rngs=nnx.Rngs(0)), copy_method="dma", decode_steps_per_call=1,
-                             mode="pregated" if routing == "pregated" else "speculative")
+                             mode="pregated" if routing == "pregated" else "speculative", guess_first_block=False)
     hlo = _compiled_decode_step(engine)
     starts = _custom_calls(hlo, "pgj_fetch_start")
     tokens = _start_tokens(hlo)
@@ -428,3 +428,25 @@ def test_rows_finishing_at_different_steps_match_the_reference():
         np.testing.assert_array_equal(res.tokens, ref, err_msg=str(per_call))
         if per_call > 1:
             assert res.stats.steps == max(ends), (ends, res.stats.steps)
+
+
+@pytest.mark.parametrize("setting, rows, guesses", [(None, 1, True), (None, 3, False), (True, 3, True),
+                                                     (False, 1, False)])
+def test_first_block_guess_default_is_on_for_a_single_row(setting, rows, guesses):
+    """guess_first_block=None guesses where a decode step routes one row (batch x beams = 1)."""
+    cfg = get_preset("tiny", routing="pregated", num_experts=8, expert_capacity=6)
+    engine = InferenceEngine(SwitchTransformer(cfg, rngs=nnx.Rngs(0)), mode="pregated", guess_first_block=setting)
+    guess = engine._first_guess(rows)
+    assert (guess is not None) == guesses
+    if guesses:  # the first step has no earlier step to repeat: nothing to copy
+        assert np.asarray(guess).tolist() == [-1] * rows
+
+
+def test_command_buffer_loop_flags_are_added_unless_xla_flags_sets_command_buffers():
+    from pregated_jax.engine.xla_flags import FLAG, use_command_buffer_loops
+    env = {}
+    assert use_command_buffer_loops(env) and env["XLA_FLAGS"].startswith(FLAG + "=") and "WHILE" in env["XLA_FLAGS"]
+    env = {"XLA_FLAGS": "--xla_dump_to=/tmp/x"}
+    assert use_command_buffer_loops(env) and env["XLA_FLAGS"].startswith("--xla_dump_to=/tmp/x " + FLAG + "=")
+    env = {"XLA_FLAGS": FLAG + "="}  # the user's choice (here: none) stays
+    assert not use_command_buffer_loops(env) and env["XLA_FLAGS"] == FLAG + "="

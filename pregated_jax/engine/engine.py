@@ -65,11 +65,11 @@ class EngineConfig:
       the experts it used at the previous step (decoder routing repeats from token to token; Huang et al.
       2024). The copy overlaps the embedding and the blocks before it; whatever the guess missed is fetched
       once the block's gate has run. Outputs do not change; hits count as speculative hits, and guessed
-      experts no token needed as `speculative_wasted`. Off by default: on an H100 (switch-base-128,
-      docs/benchmarks/h100-v8) it hits 80% (batch 1) and 87% (batch 8), but learning that nothing was
-      missed takes a host round trip (~0.15 ms) on the critical path, which the saved copy barely beats:
-      pregated 1.299 against 1.333 ms/step at batch 1, 6.03 against 5.89 at batch 8; speculative 2.09
-      against 2.24 ms/step at batch 1.
+      experts no token needed as `speculative_wasted`. None (default): on where a decode step routes one
+      row (batch x beams = 1). There the done's kernel skips the wait when nothing was missed, and on an
+      H100 (switch-base-128, docs/benchmarks/h100-v9) the guess hits 80% and takes pregated decode from
+      727.8 to 762.1 tokens/s, speculative from 459.1 to 495.8. With more rows the guess copies more
+      experts than the boundary hides (batch 8: 6.03 against 5.89 ms/step in h100-v8).
     prefill_routed_only: calls that need most experts of a block (prefill) copy only the routed ones
       (default), or, if False, whole blocks as contiguous ranges (fewer, larger copies at the link's full
       bandwidth, but more bytes). Budgeted calls without a cache always stream whole blocks in chunks.
@@ -90,7 +90,7 @@ class EngineConfig:
     check_every: int = 8  # decode steps between checks whether every sequence has finished
     decode_steps_per_call: int = 64
     stop_when_finished: bool = True
-    guess_first_block: bool = False
+    guess_first_block: bool | None = None
     prefill_routed_only: bool = True
     copy_method: str = "auto"
 
@@ -524,7 +524,10 @@ class InferenceEngine:
         earlier step to repeat), or None where the engine does not guess (EngineConfig.guess_first_block)."""
         k = min(self.num_experts, rows)
         dense = 2 * k >= self.num_experts
-        if (not self.config.guess_first_block or self.config.mode not in ("pregated", "speculative") or dense
+        wanted = self.config.guess_first_block
+        if wanted is None:
+            wanted = rows == 1
+        if (not wanted or self.config.mode not in ("pregated", "speculative") or dense
                 or not self.program.decoder.moe_blocks or not self._fetches_routed(self.config.mode, dense)):
             return None
         return jax.device_put(np.full((k,), -1, np.int32), self.mem.on_device)
