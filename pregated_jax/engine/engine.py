@@ -50,11 +50,11 @@ class EngineConfig:
       the budget allows).
     decode_steps_per_call: decode steps run by one dispatch (a loop inside the jitted step when > 1),
       which spreads the host's per-dispatch cost over several tokens. Tokens and statistics do not change.
-      (H100, switch-base-128, batch 1: gpu-only decode 1.65 -> 0.75 ms/step going from 1 to 8.) With DMA
-      copies the dispatch returns only near the end of its steps (each wait blocks the dispatching thread),
-      so the GPU idles ~1 ms per dispatch: pregated took 1.333 ms/step at 64 against 1.380 at 8
-      (docs/benchmarks/h100-v8). The loop stops at EOS (`stop_when_finished`), so a dispatch of 64 steps
-      costs nothing once every row has finished; the progress callback runs once per dispatch.
+      (H100, switch-base-128, batch 1: gpu-only decode 1.65 -> 0.75 ms/step going from 1 to 8; with the
+      host waits of h100-v8's DMA copies, pregated 1.333 ms/step at 64 against 1.380 at 8.) The loop stops at
+      EOS (`stop_when_finished`), so a dispatch of 64 steps costs nothing once every row has finished; the
+      progress callback runs once per dispatch. With WHILE command buffers (`engine.xla_flags`) XLA runs the
+      loop as one CUDA graph.
     stop_when_finished: end decoding once every row has emitted EOS: the loop inside a dispatch checks after
       every step (a `while_loop`, whose exit condition is read by the host: ~0.02 ms per step on an H100,
       within noise), and the host stops dispatching (it reads a flag every `check_every` steps). False runs
