@@ -83,7 +83,7 @@ def engine_worker(args):
 
     from pregated_jax.bench.random_model import random_model
     from pregated_jax.config import get_preset
-    from pregated_jax.engine import InferenceEngine
+    from pregated_jax.engine import GUESS_FIRST_BLOCK_CHOICES, InferenceEngine
 
     routing = "conventional" if args.mode == "speculative" else "pregated"
     dtype = "float32" if args.tiny else "bfloat16"
@@ -97,7 +97,8 @@ def engine_worker(args):
         kw.update(device_budget_bytes=int(args.device_budget_gib * 2**30))
     if args.decode_steps_per_call is not None:
         kw.update(decode_steps_per_call=args.decode_steps_per_call)
-    engine = InferenceEngine(model, mode=args.mode, stop_when_finished=False, guess_first_block=GUESS[args.guess_first_block],
+    engine = InferenceEngine(model, mode=args.mode, stop_when_finished=False,
+                             guess_first_block=GUESS_FIRST_BLOCK_CHOICES[args.guess_first_block],
                              prefill_routed_only=args.prefill_copy == "routed", copy_method=args.copy_method, **kw)
     del model
     build_s = time.perf_counter() - t0
@@ -298,9 +299,6 @@ def plot(out: Path, rows: list[dict]) -> None:
     fig.tight_layout()
     fig.savefig(out / "chart.png", dpi=120)
     plt.close(fig)
-
-
-GUESS = {"auto": None, "on": True, "off": False}  # --guess-first-block -> EngineConfig.guess_first_block
 
 
 def main(argv=None):

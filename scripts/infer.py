@@ -83,7 +83,7 @@ def main(argv=None):
     from tqdm import tqdm
 
     from pregated_jax.data.tokenizer import Tokenizer
-    from pregated_jax.engine import InferenceEngine
+    from pregated_jax.engine import GUESS_FIRST_BLOCK_CHOICES, InferenceEngine
     from pregated_jax.loading import load_model, vocabulary_for
 
     texts = read_inputs(args)
@@ -94,7 +94,7 @@ def main(argv=None):
     engine = InferenceEngine(model, mode=mode, cache_policy=args.cache, cache_experts=args.cache_experts,
                              device_budget_bytes=int(args.device_budget_gib * 2**30) if args.device_budget_gib else None,
                              decode_steps_per_call=args.decode_steps_per_call, copy_method=args.copy_method,
-                             guess_first_block={"auto": None, "on": True, "off": False}[args.guess_first_block])
+                             guess_first_block=GUESS_FIRST_BLOCK_CHOICES[args.guess_first_block])
     del model
     tok = Tokenizer(vocabulary_for(args.checkpoint))
     print(f"{cfg.num_experts} experts x {len(cfg.sparse_blocks('encoder')) + len(cfg.sparse_blocks('decoder'))} "

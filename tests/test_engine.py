@@ -220,15 +220,21 @@ def _compiled_decode_step(engine) -> str:
     return step.lower(*captured[0]).compile().as_text()
 
 
+def _tiny_dma_engine(routing: str, guess_first_block: bool) -> InferenceEngine:
+    """A tiny engine with DMA copies, one step per dispatch: pregated mode, or speculative for a conventional
+    model."""
+    cfg = get_preset("tiny", routing=routing, num_experts=8, expert_capacity=6)
+    return InferenceEngine(SwitchTransformer(cfg, rngs=nnx.Rngs(0)), copy_method="dma", decode_steps_per_call=1,
+                           mode="pregated" if routing == "pregated" else "speculative",
+                           guess_first_block=guess_first_block)
+
+
 @pytest.mark.parametrize("routing", ["pregated", "conventional"])
 def test_dma_first_block_fetch_is_queued_before_the_next_prefetch(routing):
     """In the fused decode step, the first MoE block has no prefetch: its own fetch must reach the copy stream
     before the next block's prefetch, or it waits behind those copies. XLA orders independent custom calls
     as it likes, so the prefetch's start must take the own start's token as an operand."""
-    cfg = get_preset("tiny", routing=routing, num_experts=8, expert_capacity=6)
-    engine = InferenceEngine(SwitchTransformer(cfg, rngs=nnx.Rngs(0)), copy_method="dma", decode_steps_per_call=1,
-                             mode="pregated" if routing == "pregated" else "speculative", guess_first_block=False)
-    hlo = _compiled_decode_step(engine)
+    hlo = _compiled_decode_step(_tiny_dma_engine(routing, guess_first_block=False))
     starts = _custom_calls(hlo, "pgj_fetch_start")
     tokens = _start_tokens(hlo)
     names = [name for name, _ in starts]
@@ -247,10 +253,7 @@ def test_dma_first_block_guess_is_issued_first_and_its_misses_before_the_next_pr
     """With guess_first_block, the guess's start comes before the step's computation (the embedded tokens
     pass through pgj_order, which takes its token), the first block's misses queue behind the guess, and the
     next block's prefetch behind the misses."""
-    cfg = get_preset("tiny", routing=routing, num_experts=8, expert_capacity=6)
-    engine = InferenceEngine(SwitchTransformer(cfg, rngs=nnx.Rngs(0)), copy_method="dma", decode_steps_per_call=1,
-                             mode="pregated" if routing == "pregated" else "speculative", guess_first_block=True)
-    hlo = _compiled_decode_step(engine)
+    hlo = _compiled_decode_step(_tiny_dma_engine(routing, guess_first_block=True))
     starts = _custom_calls(hlo, "pgj_fetch_start")
     tokens = _start_tokens(hlo)
     (guess, _), (missed, missed_ops), (prefetch, prefetch_ops) = starts[:3]

@@ -39,6 +39,10 @@ from pregated_jax.model import KVCache, SwitchTransformer
 MODES = ("gpu-only", "on-demand", "prefetch-all", "pregated", "speculative")
 
 
+# the command lines' --guess_first_block choices -> EngineConfig.guess_first_block
+GUESS_FIRST_BLOCK_CHOICES = {"auto": None, "on": True, "off": False}
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """How the engine places and moves experts.
@@ -56,8 +60,8 @@ class EngineConfig:
       progress callback runs once per dispatch. With WHILE command buffers (`engine.xla_flags`) XLA runs the
       loop as one CUDA graph.
     stop_when_finished: end decoding once every row has emitted EOS: the loop inside a dispatch checks after
-      every step (a `while_loop`, whose exit condition is read by the host: ~0.02 ms per step on an H100,
-      within noise), and the host stops dispatching (it reads a flag every `check_every` steps). False runs
+      every step (a `while_loop`; without WHILE command buffers the host reads its exit condition after
+      every step), and the host stops dispatching (it reads a flag every `check_every` steps). False runs
       every step up to max_new_tokens (benchmarks: the same work on every run; rows that finished append
       padding).
     guess_first_block: in decode steps of modes pregated and speculative without a cache, the decoder's

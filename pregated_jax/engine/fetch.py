@@ -182,16 +182,17 @@ def finish_fetch(pending: PendingSlots, *after) -> ExpertSlots:
     if pending.token is None:
         return pending.slots
     if isinstance(pending.token, jax.core.Tracer):
-        wi, wo = native.fetch_done([pending.slots.wi, pending.slots.wo], pending.slots.expert_ids, pending.token,
-                                   *after)
-        return ExpertSlots(wi, wo, pending.slots.expert_ids)
+        return _dma_done(pending, *after)
     return _dma_finish(pending)
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def _dma_finish(pending):  # donated: the tables' buffers pass through without a copy
-    wi, wo = native.fetch_done([pending.slots.wi, pending.slots.wo], pending.slots.expert_ids, pending.token)
+def _dma_done(pending, *after):
+    wi, wo = native.fetch_done([pending.slots.wi, pending.slots.wo], pending.slots.expert_ids, pending.token,
+                               *after)
     return ExpertSlots(wi, wo, pending.slots.expert_ids)
+
+
+_dma_finish = jax.jit(_dma_done, donate_argnums=0)  # donated: the tables' buffers pass through without a copy
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4))
