@@ -249,21 +249,32 @@ def test_dma_first_block_fetch_is_queued_before_the_next_prefetch(routing):
 
 
 @pytest.mark.parametrize("routing", ["pregated", "conventional"])
-def test_dma_first_block_guess_is_issued_first_and_its_misses_before_the_next_prefetch(routing):
-    """With guess_first_block, the guess's start comes before the step's computation (the embedded tokens
-    pass through pgj_order, which takes its token), the first block's misses queue behind the guess, and the
-    next block's prefetch behind the misses."""
+def test_dma_next_step_guess_queues_behind_the_last_prefetch(routing):
+    """With guess_first_block, a decode step receives its guess already started (by the previous step): the
+    first block's misses queue behind it, the next block's prefetch behind the misses, and the next step's
+    guess behind the stack's last prefetch, issued before the computation of the block that started it (that
+    block's wait takes its token), so the copy engine works on across the step boundary."""
     hlo = _compiled_decode_step(_tiny_dma_engine(routing, guess_first_block=True))
     starts = _custom_calls(hlo, "pgj_fetch_start")
     tokens = _start_tokens(hlo)
-    (guess, _), (missed, missed_ops), (prefetch, prefetch_ops) = starts[:3]
-    assert [tokens.get(o) for o in missed_ops][1:] == [guess], starts
+    # the decoder of the tiny model has 2 MoE blocks: block 1's misses, block 2's prefetch, the next guess
+    # (then, in speculative mode, block 2's mispredicted experts, after its gate)
+    assert len(starts) == (3 if routing == "pregated" else 4), starts
+    (missed, missed_ops), (prefetch, prefetch_ops), (next_guess, next_ops) = starts[:3]
+    entry = re.search(r"\nENTRY [^\n]*\{\n(.*?)\n\}", hlo, re.S).group(1)
+    copied_from = dict(re.findall(r"%(\S+) = \S+ copy\(%(\S+)\)", entry))
+    parameters = set(re.findall(r"%(\S+) = \S+ parameter\(", entry))
+    incoming = lambda name: copied_from.get(name, name) in parameters  # noqa: E731  (XLA may copy a parameter)
+    assert len(missed_ops) == 2 and incoming(missed_ops[1]), (missed_ops, "behind the incoming guess")
     assert [tokens.get(o) for o in prefetch_ops][1:] == [missed], starts
-    orders = _custom_calls(hlo, "pgj_order")
-    assert len(orders) == 1 and [tokens.get(o) for o in orders[0][1]][1:] == [guess], orders
-    # the ordered tokens feed the step's computation (the embedding, fused into its first kernels)
-    readers = re.findall(r"\n\s*%\S+ = [^\n]*fusion\([^)]*%" + re.escape(orders[0][0]) + r"[,)]", hlo)
-    assert readers, "nothing reads pgj_order's result"
+    assert [tokens.get(o) for o in next_ops][1:] == [prefetch], starts
+    # block 1's waits (its guess and its misses) follow both starts made before its computation
+    done = _custom_calls(hlo, "pgj_fetch_done")
+    first_block = [ops for _, ops in done if incoming(ops[3]) or tokens.get(ops[3]) == missed]
+    assert len(first_block) == 2, done
+    for ops in first_block:
+        assert {prefetch, next_guess} <= {tokens.get(o) for o in ops[4:]}, ops
+    assert not _custom_calls(hlo, "pgj_order")
 
 
 def test_first_block_guess_statistics_match_a_replay_of_the_routing():
@@ -405,13 +416,36 @@ def test_generation_stops_once_every_row_finished():
     eos = int(first.tokens[0, 0])
     ids, mask = IDS[:1], MASK[:1]
     model = SwitchTransformer(base.replace(eos_token_id=eos), rngs=nnx.Rngs(0))  # same weights, new EOS
-    for per_call, stop, steps in ((1, True, 3), (3, True, 1), (4, False, 9), (1, False, 9)):
+    # (4, True): dispatches of 4, 4 and 1 steps; the last one, queued after every row finished, runs none
+    for per_call, stop, steps in ((1, True, 3), (3, True, 1), (4, True, 1), (4, False, 9), (1, False, 9)):
         engine = InferenceEngine(model, mode="pregated", check_every=2, decode_steps_per_call=per_call,
                                  stop_when_finished=stop)
         with jax.transfer_guard("disallow"):
             res = engine.generate(ids, mask, max_new_tokens=9)
         assert res.stats.steps == steps, (per_call, stop)
         np.testing.assert_array_equal(res.tokens[0], [eos] + [base.pad_token_id] * 8)
+
+
+@pytest.mark.parametrize("copy_method", ["xla", "dma"])
+def test_guess_started_for_a_step_that_never_ran_counts_as_wasted(copy_method):
+    """EOS at the first token, several steps per dispatch: the one step that runs starts the next step's guess
+    (its first block's expert), which no block reads. Its copy is counted as moved and wasted, so the bytes
+    that had to move equal those of the engine without the guess."""
+    base = get_preset("tiny", routing="pregated", num_experts=8, expert_capacity=6)
+    first = run(InferenceEngine(SwitchTransformer(base, rngs=nnx.Rngs(0)), mode="pregated"), max_new_tokens=1)
+    model = SwitchTransformer(base.replace(eos_token_id=int(first.tokens[0, 0])), rngs=nnx.Rngs(0))
+    stats = {}
+    for guess in (True, False):
+        engine = InferenceEngine(model, mode="pregated", decode_steps_per_call=4, guess_first_block=guess,
+                                 copy_method=copy_method)
+        with jax.transfer_guard("disallow"):
+            stats[guess] = engine.generate(IDS[:1], MASK[:1], max_new_tokens=9).stats
+    on, off = stats[True], stats[False]
+    assert on.steps == off.steps == 1
+    # step 1 had nothing to repeat (needed 1, found 0); the guess it started for step 2 is the wasted one
+    assert (on.speculative_hits, on.speculative_needed, on.speculative_wasted) == (0, 1, 1)
+    assert on.experts_copied == off.experts_copied + 1
+    assert on.as_dict()["decode_bytes_needed"] == off.as_dict()["decode_bytes_moved"]
 
 
 def test_rows_finishing_at_different_steps_match_the_reference():
@@ -442,7 +476,7 @@ def test_first_block_guess_default_is_on_for_a_single_row(setting, rows, guesses
     guess = engine._first_guess(rows)
     assert (guess is not None) == guesses
     if guesses:  # the first step has no earlier step to repeat: nothing to copy
-        assert np.asarray(guess).tolist() == [-1] * rows
+        assert np.asarray(guess.slots.expert_ids).tolist() == [-1] * rows
 
 
 def test_command_buffer_loop_flags_are_added_unless_xla_flags_sets_command_buffers():

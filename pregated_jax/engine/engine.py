@@ -65,15 +65,17 @@ class EngineConfig:
       every step up to max_new_tokens (benchmarks: the same work on every run; rows that finished append
       padding).
     guess_first_block: in decode steps of modes pregated and speculative without a cache, the decoder's
-      first MoE block, which no earlier block pre-gates, starts copying a guess at the top of the step:
-      the experts it used at the previous step (decoder routing repeats from token to token; Huang et al.
-      2024). The copy overlaps the embedding and the blocks before it; whatever the guess missed is fetched
-      once the block's gate has run. Outputs do not change; hits count as speculative hits, and guessed
-      experts no token needed as `speculative_wasted`. None (default): on where a decode step routes one
-      row (batch x beams = 1). There the done's kernel skips the wait when nothing was missed, and on an
-      H100 (switch-base-128, docs/benchmarks/h100-v9) the guess hits 80% and takes pregated decode from
-      727.8 to 762.1 tokens/s, speculative from 459.1 to 495.8. With more rows the guess copies more
-      experts than the boundary hides (batch 8: 6.03 against 5.89 ms/step in h100-v8).
+      first MoE block, which no earlier block pre-gates, gets a guess: the experts it used at the previous
+      step (decoder routing repeats from token to token; Huang et al. 2024). The previous step starts
+      copying it right behind its own last prefetch, so the copies run on over the step boundary, the
+      embedding and the blocks before the first MoE block; whatever the guess missed is fetched once the
+      block's gate has run. Outputs do not change; hits count as speculative hits, and guessed experts no
+      token needed (the guess of a step that never ran included) as `speculative_wasted`. None (default):
+      on where a decode step routes one row (batch x beams = 1). There the done's kernel skips the wait
+      when nothing was missed, and on an H100 (switch-base-128, docs/benchmarks/h100-v10, whose random model
+      repeats one token) the guess hits 80% and takes pregated decode from 712.0 to 835.2 tokens/s. With
+      more rows the guess copies more experts than the boundary hides (batch 8: 6.03 against 5.89 ms/step
+      in h100-v8, when the guess still started in its own step).
     prefill_routed_only: calls that need most experts of a block (prefill) copy only the routed ones
       (default), or, if False, whole blocks as contiguous ranges (fewer, larger copies at the link's full
       bandwidth, but more bytes). Budgeted calls without a cache always stream whole blocks in chunks.
@@ -213,7 +215,7 @@ class InferenceEngine:
         capacity = cfg.capacity(x.shape[1])
         moe = sp.moe_blocks
         prefetched: dict[int, object] = {}
-        if ctx.guess is not None:  # a decode step's guess for the first MoE block (see `_decode`)
+        if ctx.guess is not None:  # a decode step's guess for the first MoE block, started by the previous step
             prefetched[moe[0]] = ("guess", ctx.guess)
         new_caches = []
         decision = None
@@ -252,7 +254,7 @@ class InferenceEngine:
                 missed, copied = self._start_fetch(sp.blocks[i], decision, k, guess.slots.expert_ids,
                                                    dense=dense, miss=True, after=guess)
                 ctx.add_copied(copied)
-                ctx.next_guess = F.needed_experts_jit(decision, k)
+                next_guess_ids = _repeat_guess(decision, k, *ctx.guess_horizon)
                 prefetched[i] = ("guessed", guess, missed)
                 first = missed
             if nxt is not None and mode == "pregated":
@@ -265,7 +267,17 @@ class InferenceEngine:
             # This block's wait takes the next block's start token: that start is issued before this
             # block's experts, so its copies overlap them.
             in_flight = pending[1] if isinstance(pending, tuple) and pending[0] == "slots" else None
-            after = (x,) if in_flight is None or in_flight.token is None else (x, in_flight.token)
+            issued = [in_flight]
+            if ctx.guess is not None and j == max(len(moe) - 2, 0):
+                # The stack's last copies are queued: the next step's guess goes right behind them, so the
+                # copy engine keeps busy over the step boundary (the next step's first block waits for it).
+                b0 = sp.blocks[moe[0]]
+                ctx.next_guess, copied = F.start_fetch_ids(
+                    self.copy_method, b0.host_wi, b0.host_wo, b0.host_stacks, next_guess_ids, self.mem.on_device,
+                    after=in_flight if in_flight is not None else first)
+                ctx.add_copied(copied)
+                issued.append(ctx.next_guess)
+            after = (x,) + tuple(p.token for p in issued if p is not None and p.token is not None)
             x = self._experts(sp, i, x, h, decision, prefetched.pop(i, None), k, dense, ctx, after)
             if pending is not None:
                 prefetched[nxt] = pending
@@ -388,7 +400,7 @@ class InferenceEngine:
         program = jax.tree.unflatten(treedef, leaves)
         step = functools.partial(self._step, program, cross=cross, cross_bias=cross_bias,
                                  key_positions=key_positions, num_beams=num_beams)
-        if num_steps == 1:
+        if self.config.decode_steps_per_call == 1:  # the host checks for EOS (see `generate`)
             return step(search=search, kv=kv, caches=caches, guess=guess)
 
         def body(carry):
@@ -409,7 +421,7 @@ class InferenceEngine:
         """One decode step for every row, traced into a single jitted function (`_decode`).
 
         -> (search, kv, caches, copied, speculation, the next step's guess)."""
-        ctx = RunContext(caches, guess_ids=guess)
+        ctx = RunContext(caches, guess=guess)
         search, kv = self._decode(program, search, kv, cross, cross_bias, ctx, key_positions, num_beams)
         copied, speculation = ctx.totals()
         return search, kv, ctx.caches, copied, speculation, ctx.next_guess
@@ -423,16 +435,9 @@ class InferenceEngine:
         (docs/benchmarks/h100-copy-overlap).
         """
         cfg, dec = self.model_config, program.decoder
-        last = search.last  # [rows] the tokens to embed
-        if ctx.guess_ids is not None:  # the first MoE block's guess (EngineConfig.guess_first_block)
-            b = dec.blocks[dec.moe_blocks[0]]
-            ctx.guess, copied = F.start_fetch_ids(self.copy_method, b.host_wi, b.host_wo, b.host_stacks,
-                                                  ctx.guess_ids, self.mem.on_device)
-            ctx.add_copied(copied)
-            if isinstance(ctx.guess.token, jax.core.Tracer):  # issued before the step's computation
-                last = native.order_after(last, ctx.guess.token)
+        ctx.guess_horizon = (search.step, search.tokens.shape[-1])  # whether a next step needs a guess
         bias = dec.self_bias(search.step[None], key_positions, None)
-        x = program.embed(last[:, None])
+        x = program.embed(search.last[:, None])  # [rows, 1, d]
         x, kv = self._run_stack(dec, x, bias, ctx, cross=cross, cross_bias=cross_bias, caches=kv,
                                 cache_index=search.step)
         logits = program.logits(x)[:, -1]  # [rows, V]
@@ -501,7 +506,7 @@ class InferenceEngine:
                 if track_memory:
                     stats.sample_memory(self.mem.device)
             else:
-                ctx = RunContext(self.caches, stats, track_memory, profile_blocks, guess_ids=guess)
+                ctx = RunContext(self.caches, stats, track_memory, profile_blocks, guess=guess)
                 search, kv = self._decode(program, search, kv, cross, cross_bias, ctx, key_positions, num_beams)
                 self.caches, guess = ctx.flush_into(stats), ctx.next_guess
             done_before, t = t, t + n
@@ -514,6 +519,9 @@ class InferenceEngine:
                 break
             crossed_check = t // self.config.check_every > done_before // self.config.check_every
             finished = all_finished(search) if crossed_check and self.config.stop_when_finished else None
+        if guess is not None:  # started for a step that did not run: wait for its copies, count them wasted
+            stats.add_speculation(F.unused(guess.slots.expert_ids))
+            F.finish_fetch(guess)
         # one transfer; steps run, not dispatched: a fused dispatch may stop early
         tokens, steps = jax.device_get((best_sequences(search, length_penalty), search.step))
         tokens, stats.steps = np.asarray(tokens), int(steps)
@@ -524,8 +532,9 @@ class InferenceEngine:
         return GenerationResult(tokens, stats)
 
     def _first_guess(self, rows: int):
-        """The first decode step's guess for the decoder's first MoE block: [k] int32 of -1 (no copy; no
-        earlier step to repeat), or None where the engine does not guess (EngineConfig.guess_first_block)."""
+        """The first decode step's guess for the decoder's first MoE block, started: a PendingSlots of k
+        empty slots (ids -1: nothing to copy, no earlier step to repeat), or None where the engine does not
+        guess (EngineConfig.guess_first_block)."""
         k = min(self.num_experts, rows)
         dense = 2 * k >= self.num_experts
         wanted = self.config.guess_first_block
@@ -534,7 +543,9 @@ class InferenceEngine:
         if (not wanted or self.config.mode not in ("pregated", "speculative") or dense
                 or not self.program.decoder.moe_blocks or not self._fetches_routed(self.config.mode, dense)):
             return None
-        return jax.device_put(np.full((k,), -1, np.int32), self.mem.on_device)
+        b = self.program.decoder.blocks[self.program.decoder.moe_blocks[0]]
+        ids = jax.device_put(np.full((k,), -1, np.int32), self.mem.on_device)
+        return F.start_fetch_ids(self.copy_method, b.host_wi, b.host_wo, b.host_stacks, ids, self.mem.on_device)[0]
 
 
 class RunContext:
@@ -545,10 +556,11 @@ class RunContext:
     """
 
     def __init__(self, caches: dict, stats: RunStats | None = None, track_memory: bool = False,
-                 profile_blocks: bool = False, guess_ids=None):
+                 profile_blocks: bool = False, guess=None):
         self.caches = dict(caches)
-        # the first MoE block's guess: its ids [k] (input), its copies once started, the next step's ids
-        self.guess_ids, self.guess, self.next_guess = guess_ids, None, None
+        # a decode step's guess for the first MoE block (started by the previous step), the next step's
+        # (started by this one), and (step, max_len), which says whether there is a next step
+        self.guess, self.next_guess, self.guess_horizon = guess, None, None
         self.copied, self.speculation = [], []
         self.stats, self.track_memory, self.profile_blocks = stats, track_memory, profile_blocks
         self.moe_block_s = stats.moe_block_s if stats is not None else []
@@ -574,6 +586,13 @@ class RunContext:
         for pair in self.speculation:
             stats.add_speculation(pair)
         return self.caches
+
+
+@functools.partial(jax.jit, static_argnums=(1, 3))
+def _repeat_guess(decision, k: int, step, max_len: int):
+    """The next decode step's guess for a first MoE block: the experts `decision` needed [k], or none (-1)
+    where step `step` is the last of `max_len`."""
+    return jnp.where(step + 1 < max_len, F.needed_experts(decision, k), -1)
 
 
 def _backpressure(x):

@@ -149,14 +149,16 @@ def start_fetch(method: str, host_wi, host_wo, stacks, decision: RouterDecision,
     return _dma_start(stacks, decision, k, exclude, (after.token,) if traced else ())
 
 
-def start_fetch_ids(method: str, host_wi, host_wo, stacks, ids: Array, device: SingleDeviceSharding):
+def start_fetch_ids(method: str, host_wi, host_wo, stacks, ids: Array, device: SingleDeviceSharding,
+                    after: PendingSlots | None = None):
     """Starts copying experts `ids` [k] (-1: an empty slot) into a fresh k-slot table: a guess made before
-    any gate ran (see `start_fetch`). -> (PendingSlots, experts copied)."""
+    the block's gate runs (see `start_fetch`). -> (PendingSlots, experts copied)."""
     if method == "xla":
         slots, copied = fetch_ids(host_wi, host_wo, ids, device)
         return PendingSlots(slots), copied
     _check_method(method)
-    return _dma_start_ids(stacks, ids, ())
+    traced = after is not None and isinstance(after.token, jax.core.Tracer)
+    return _dma_start_ids(stacks, ids, (after.token,) if traced else ())
 
 
 def _check_method(method: str):
@@ -302,6 +304,12 @@ def cache_lookup(state: CacheState, host_wi, host_wo, needed: Array, policy: str
 
 
 needed_experts_jit = jax.jit(needed_experts, static_argnums=1)
+
+
+@jax.jit
+def unused(available: Array) -> Array:
+    """A guess `available` [g] that no block read (see `overlap`) -> [3] int32: (0, 0, its experts)."""
+    return jnp.stack([0, 0, jnp.sum(available >= 0)]).astype(jnp.int32)
 
 
 @jax.jit

@@ -1,13 +1,12 @@
 """Native expert copies: the copy-engine (DMA) fetch behind `EngineConfig.copy_method="dma"`.
 
-`expert_copy.cc` defines three XLA FFI custom calls (see its header). This module compiles it once per
+`expert_copy.cc` defines two XLA FFI custom calls (see its header). This module compiles it once per
 source/jaxlib version with the system C++ compiler into a cache directory (like torch's cpp extensions;
 `PREGATED_JAX_NATIVE_LIB` points at a prebuilt library instead), registers the handlers for the CPU and,
 when present, CUDA, and wraps the calls:
 
     tables, token = fetch_start(ids, [HostStack, ...], *after)  # ids [k] int32 on the device, -1 = empty
     tables = fetch_done(tables, ids, token, *after)             # the tables, ready to read
-    x = order_after(x, *after)                                  # x, read only after `after`'s producers
 
 `python -m pregated_jax.native` builds and reports where the library is.
 """
@@ -110,8 +109,7 @@ def load() -> None:
     try:
         path = build()
         lib = ctypes.cdll.LoadLibrary(str(path))
-        for name, symbol in (("pgj_fetch_start", "PgjFetchStart"), ("pgj_fetch_done", "PgjFetchDone"),
-                             ("pgj_order", "PgjOrder")):
+        for name, symbol in (("pgj_fetch_start", "PgjFetchStart"), ("pgj_fetch_done", "PgjFetchDone")):
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol + "Cpu")), platform="cpu")
             if _has_cuda():
                 jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol + "Cuda")),
@@ -223,16 +221,6 @@ def check_device_wait() -> None:
     buf = ctypes.create_string_buffer(2048)
     if _STATE["lib"].PgjTakeFault(buf, ctypes.c_size_t(len(buf))):
         raise RuntimeError(buf.value.decode(errors="replace"))
-
-
-def order_after(x: jax.Array, *after) -> jax.Array:
-    """x, as the output of a custom call that takes `after` as operands: whatever reads the result is
-    ordered after their producers (inside jit; XLA keeps custom-call operands, where it may drop an
-    `optimization_barrier`'s ordering). E.g. `order_after(ids, token)` issues a start before the
-    computation that reads `ids`."""
-    load()
-    call = jax.ffi.ffi_call("pgj_order", jax.ShapeDtypeStruct(x.shape, x.dtype), input_output_aliases={0: 0})
-    return call(x, *after)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,16 +1,13 @@
 // Expert copies host -> device on the copy engine, with the expert ids decided on the device.
 //
-// Three XLA FFI custom calls: a start and a done, used as a pair inside a jitted program, and an ordering no-op:
+// Two XLA FFI custom calls, a start and a done, used as a pair inside a jitted program:
 //
 //   pgj_fetch_start(ids s32[k], *after) -> (out_0 [k, ...], ..., out_{n-1} [k, ...], token s32[])
 //     attrs: srcs (int64[n], host addresses of n stacks [E, ...]), row_bytes (int64[n], bytes of one
 //            stack row), num_rows (int64, E)
 //   pgj_fetch_done(out_0, ..., out_{n-1}, ids s32[k], token s32[], *after) -> (out_0, ..., out_{n-1})
 //     ids, token: the start's; the outputs alias the tables.
-//   pgj_order(x, *after) -> x   (output aliases input)
-//     a no-op that orders x's consumers after `after`'s producers (e.g. a start that must be issued
-//     before the computation that reads x).
-//   In all three, `after` are ignored operands that order the call after their producers (e.g. an
+//   In both, `after` are ignored operands that order the call after their producers (e.g. an
 //   earlier start's token: starts queue their copies in the order they run).
 //
 // Row i of every out_t receives row ids[i] of stack t, or zeros where ids[i] < 0.
@@ -191,11 +188,6 @@ ffi::Error DoneCpu(ffi::RemainingArgs args, ffi::RemainingRets rets) {
       std::memcpy((*out)->untyped_data(), in->untyped_data(), in->size_bytes());
     }
   }
-  return ffi::Error::Success();
-}
-
-ffi::Error OrderCpu(ffi::AnyBuffer x, ffi::RemainingArgs /*after*/, ffi::Result<ffi::AnyBuffer> out) {
-  if (x.untyped_data() != out->untyped_data()) std::memcpy(out->untyped_data(), x.untyped_data(), x.size_bytes());
   return ffi::Error::Success();
 }
 
@@ -596,16 +588,6 @@ ffi::Error DoneCuda(void* stream, ffi::RemainingArgs args, ffi::RemainingRets re
   return ffi::Error::Success();
 }
 
-ffi::Error OrderCuda(void* stream, ffi::AnyBuffer x, ffi::RemainingArgs /*after*/, ffi::Result<ffi::AnyBuffer> out) {
-  if (x.untyped_data() == out->untyped_data()) return ffi::Error::Success();  // aliased: nothing to do
-  Driver& cu = Driver::Get();
-  if (!cu.error.empty()) return ffi::Error::Internal("pgj_order: " + cu.error);
-  PGJ_CU(cu.memcpy_dtod(reinterpret_cast<CUdeviceptr>(out->untyped_data()),
-                        reinterpret_cast<CUdeviceptr>(x.untyped_data()), x.size_bytes(), stream),
-         "pgj_order: copying its operand");
-  return ffi::Error::Success();
-}
-
 }  // namespace
 
 // For Python (ctypes): writes the first failure recorded on any GPU since the last call into buf
@@ -624,17 +606,6 @@ extern "C" int PgjTakeFault(char* buf, size_t size) {
   }
   return 1;
 }
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PgjOrderCpu, OrderCpu,
-                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().RemainingArgs().Ret<ffi::AnyBuffer>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PgjOrderCuda, OrderCuda,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<void*>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .RemainingArgs()
-                                  .Ret<ffi::AnyBuffer>(),
-                              {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PgjFetchStartCpu, StartCpu,
                               ffi::Ffi::Bind()
