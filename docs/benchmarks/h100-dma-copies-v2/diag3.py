@@ -25,7 +25,7 @@ ids = (np.random.default_rng(0).integers(2, min(cfg.vocab_size, 32000), (nb, 256
        if flags.get("ids") == "bench" else np.random.default_rng(0).integers(2, 500, (1, 256)).astype(np.int32))
 eng.generate(ids, max_new_tokens=64)
 runs = []
-for _ in range(5):
+for _ in range(int(os.environ.get("RUNS", 5))):
     g = eng.generate(ids, max_new_tokens=64)
     runs.append(dict(prefill_ms=1e3 * g.stats.prefill_s, decode_ms_per_step=1e3 * g.stats.decode_s / g.stats.steps,
                      steps=g.stats.steps, spec=[g.stats.speculative_hits, g.stats.speculative_needed, g.stats.speculative_wasted]))
