@@ -268,9 +268,13 @@ class InferenceEngine:
             # block's experts, so its copies overlap them.
             in_flight = pending[1] if isinstance(pending, tuple) and pending[0] == "slots" else None
             issued = [in_flight]
-            if ctx.guess is not None and j == max(len(moe) - 2, 0):  # the stack's last copies are queued
-                issued.append(self._start_next_guess(sp, next_guess_ids, in_flight if in_flight is not None
-                                                     else first, ctx))
+            if ctx.guess is not None and j == max(len(moe) - 2, 0):
+                # The stack's last copies are queued: the next step's guess goes right behind them, so the copy
+                # engine keeps busy over the step boundary (the next step's first block waits for it).
+                ctx.next_guess, copied = self._start_guess(next_guess_ids,
+                                                           in_flight if in_flight is not None else first)
+                ctx.add_copied(copied)
+                issued.append(ctx.next_guess)
             after = (x,) + tuple(p.token for p in issued if p is not None and p.token is not None)
             x = self._experts(sp, i, x, h, decision, prefetched.pop(i, None), k, dense, ctx, after)
             if pending is not None:
@@ -282,15 +286,13 @@ class InferenceEngine:
                 ctx.moe_block_s.append(started.lap(x))
         return sp.final_norm(x), (None if caches is None else new_caches)
 
-    def _start_next_guess(self, sp, ids, behind, ctx):
-        """Starts copying the next decode step's guess `ids` [k] for the stack's first MoE block, queued behind
-        `behind`'s copies. Issued with the stack's last prefetch, it keeps the copy engine busy over the step
-        boundary; the next step's first block waits for it (EngineConfig.guess_first_block)."""
-        b = sp.blocks[sp.moe_blocks[0]]
-        ctx.next_guess, copied = F.start_fetch_ids(self.copy_method, b.host_wi, b.host_wo, b.host_stacks, ids,
-                                                   self.mem.on_device, after=behind)
-        ctx.add_copied(copied)
-        return ctx.next_guess
+    def _start_guess(self, ids, after=None):
+        """Starts copying a guess `ids` [k] for the decoder's first MoE block (EngineConfig.guess_first_block),
+        queued behind `after`'s copies -> (PendingSlots, experts copied)."""
+        dec = self.program.decoder
+        b = dec.blocks[dec.moe_blocks[0]]
+        return F.start_fetch_ids(self.copy_method, b.host_wi, b.host_wo, b.host_stacks, ids, self.mem.on_device,
+                                 after=after)
 
     def _copy_all(self, sp, i, ctx):
         b = sp.blocks[i]
@@ -547,9 +549,7 @@ class InferenceEngine:
         if (not wanted or self.config.mode not in ("pregated", "speculative") or dense
                 or not self.program.decoder.moe_blocks or not self._fetches_routed(self.config.mode, dense)):
             return None
-        b = self.program.decoder.blocks[self.program.decoder.moe_blocks[0]]
-        ids = jax.device_put(np.full((k,), -1, np.int32), self.mem.on_device)
-        return F.start_fetch_ids(self.copy_method, b.host_wi, b.host_wo, b.host_stacks, ids, self.mem.on_device)[0]
+        return self._start_guess(jax.device_put(np.full((k,), -1, np.int32), self.mem.on_device))[0]
 
 
 class RunContext:
