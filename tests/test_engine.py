@@ -426,6 +426,50 @@ def test_generation_stops_once_every_row_finished():
         np.testing.assert_array_equal(res.tokens[0], [eos] + [base.pad_token_id] * 8)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_first_decode_dispatch_is_queued_before_the_host_waits_for_the_prefill(fused, monkeypatch):
+    """Fused decoding queues its first dispatch before the host blocks on the prefill's output, so the device
+    never idles while the host dispatches; the prefill's latency is read right after it. Block-by-block
+    decoding waits as it goes, so there the prefill is timed before any decode work. Either way the prefill
+    and decode times add up to the run's wall time, and the counts stay those of the other path."""
+    import time
+
+    from pregated_jax.engine import engine as engine_module
+
+    events = []
+
+    class RecordingStopwatch(engine_module.Stopwatch):
+        def lap(self, *wait):
+            events.append(("lap", bool(wait)))
+            return super().lap(*wait)
+
+    monkeypatch.setattr(engine_module, "Stopwatch", RecordingStopwatch)
+    base = get_preset("tiny", routing="pregated", num_experts=8, expert_capacity=6)
+    engine = InferenceEngine(SwitchTransformer(base, rngs=nnx.Rngs(0)), mode="pregated", decode_steps_per_call=3)
+    step = engine._decode_step
+
+    def recording_step(*args):
+        events.append(("dispatch",))
+        return step(*args)
+
+    engine._decode_step = recording_step
+    engine._decode = lambda *a, _inner=engine._decode: (events.append(("dispatch",)), _inner(*a))[1]
+    run(engine, max_new_tokens=6, fused=fused)  # compiles
+    events.clear()
+    t0 = time.perf_counter()
+    res = run(engine, max_new_tokens=6, fused=fused)
+    wall = time.perf_counter() - t0
+    first_lap = events.index(("lap", True))  # the prefill's lap waits for its output
+    assert events[:first_lap].count(("dispatch",)) == (1 if fused else 0), events
+    assert events.count(("dispatch",)) == (2 if fused else 6)
+    assert 0 < res.stats.prefill_s and 0 < res.stats.decode_s
+    assert res.stats.prefill_s + res.stats.decode_s <= wall
+    other = run(engine, max_new_tokens=6, fused=not fused)
+    for field in ("steps", "experts_copied", "prefill_experts_copied"):
+        assert getattr(res.stats, field) == getattr(other.stats, field), field
+    np.testing.assert_array_equal(res.tokens, other.tokens)
+
+
 @pytest.mark.parametrize("copy_method", ["xla", "dma"])
 def test_guess_started_for_a_step_that_never_ran_counts_as_wasted(copy_method):
     """EOS at the first token, several steps per dispatch: the one step that runs starts the next step's guess

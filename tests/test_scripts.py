@@ -77,7 +77,12 @@ def test_benchmark_tiny_smoke(tmp_path):
         assert len(r["decode_tokens_per_s_runs"]) == len(r["end_to_end_tokens_per_s_runs"]) == 2
         assert r["end_to_end_tokens_per_s"] == max(r["end_to_end_tokens_per_s_runs"])
         assert r["decode_tokens_per_s"] in r["decode_tokens_per_s_runs"]
+        # each run's ratio to the roofline, the reported one among them
+        assert len(r["decode_over_roofline_runs"]) == 2
+        assert r["decode_over_roofline"] in r["decode_over_roofline_runs"]
+        assert r["decode_over_roofline"] == pytest.approx(r["decode_s"] / r["roofline_decode_s"])
     assert (tmp_path / "results.md").exists() and (tmp_path / "chart.png").exists()
+    assert "Decode / roofline of every timed run" in (tmp_path / "results.md").read_text()
     if peer[-1] == "on-demand":
         assert any(r["impl"] == "hf-transformers" for r in doc["rows"])
 

@@ -496,8 +496,14 @@ class InferenceEngine:
         key_positions = jax.device_put(np.arange(max_new_tokens, dtype=np.int32), self.mem.on_device)
         search = init_search(batch, num_beams, max_new_tokens, cfg.decoder_start_token_id)
         self.caches = ctx.flush_into(stats)
-        stats.prefill_s = watch.lap(hidden)
         stats.mark_prefill_done(self)
+        # A fused first decode dispatch is queued before the host waits for the prefill, so the device goes
+        # from the prefill's last kernel straight into the decode loop instead of idling while the host
+        # dispatches (1.5-2 ms for switch-base-128 on an H100: docs/benchmarks/h100-v11). The prefill's
+        # latency is read right after that dispatch; it includes the dispatch only where the prefill finished
+        # first. Block-by-block decoding synchronizes as it goes, so there the prefill is timed first.
+        if not fused:
+            stats.prefill_s = watch.lap(hidden)
 
         guess = self._first_guess(rows)
         t, finished = 0, None  # finished: the last check's all-finished flag, read one dispatch later
@@ -511,6 +517,8 @@ class InferenceEngine:
                 stats.add_speculation(speculation)
                 if track_memory:
                     stats.sample_memory(self.mem.device)
+                if t == 0:
+                    stats.prefill_s = watch.lap(hidden)
             else:
                 ctx = RunContext(self.caches, stats, track_memory, profile_blocks, guess=guess)
                 search, kv = self._decode(program, search, kv, cross, cross_bias, ctx, key_positions, num_beams)

@@ -6,6 +6,7 @@ import dataclasses
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -74,10 +75,10 @@ class RunStats:
             self.sampled_peak_bytes = max(self.sampled_peak_bytes or 0, used)
 
     def mark_prefill_done(self, engine):
-        """Remembers which copies belong to the prefill (called right after it synchronized)."""
+        """Remembers which copies belong to the prefill (called once it is dispatched; does not wait for it)."""
         self._prefill_mark = len(self._copied)
         self._prefill_speculation_mark = len(self._speculation)
-        self._cache_at_prefill = _cache_counters(engine) if engine.caches else self._cache_baseline
+        self._cache_at_prefill = _cache_counter_sums(engine) if engine.caches else self._cache_baseline
 
     def add_speculation(self, pair):
         self._speculation.append(pair)
@@ -86,7 +87,8 @@ class RunStats:
         """Reads the device-side counters (one transfer, after the run)."""
         self.experts_copied = _total(self._copied)
         self.prefill_experts_copied = _total(self._copied[:self._prefill_mark])
-        self.prefill_experts_copied += self._cache_at_prefill[1] - self._cache_baseline[1]
+        at_prefill = np.asarray(jax.device_get(self._cache_at_prefill))
+        self.prefill_experts_copied += int(at_prefill[1]) - self._cache_baseline[1]
         if self._speculation:
             counts = np.asarray(jax.device_get(self._speculation))  # [calls, 3]
             hits, needed, wasted = counts.sum(0)
@@ -162,6 +164,17 @@ def _total(counts) -> int:
 def _cache_counters(engine) -> tuple[int, int]:
     counters = jax.device_get([(c.hits, c.misses) for c in engine.caches.values()])
     return int(sum(h for h, _ in counters)), int(sum(m for _, m in counters))
+
+
+def _cache_counter_sums(engine) -> jax.Array:
+    """(hits, misses) summed over the caches, as a new device array [2] (the caches' own counters are donated
+    to the next decode step); without waiting for the device."""
+    return _sum_pairs([(c.hits, c.misses) for c in engine.caches.values()])
+
+
+@jax.jit
+def _sum_pairs(pairs):
+    return jnp.stack([sum(h for h, _ in pairs), sum(m for _, m in pairs)])
 
 
 def _rate(x):

@@ -275,6 +275,7 @@ struct Request {
   uint32_t seq;
   int32_t k, n, pad;
   int64_t num_rows;
+  uint64_t posted_ns;  // the device's clock when the request was posted
   uint64_t src[kMaxTables], dst[kMaxTables], row[kMaxTables];
   int32_t ids[kMaxIds];
 };
@@ -289,6 +290,10 @@ struct Fault {
   uint32_t code, seq, a, b;
 };
 
+struct WaitMark {
+  uint64_t seq, start_ns, end_ns;
+};
+
 constexpr uint32_t kRing = 256;    // requests in flight: a program has at most a few starts without their dones
 constexpr uint32_t kMarks = 4096;  // counter values in pinned memory, the sources of the counter's copies
 
@@ -298,7 +303,11 @@ bool EnvFlag(const char* name) {
   return v != nullptr && v[0] != '\0' && v[0] != '0';
 }
 
-// PREGATED_JAX_DMA_TRACE=1: one line on stderr per request the worker handles (for debugging).
+// PREGATED_JAX_DMA_TRACE=1: one line on stderr per request the worker handles (for debugging), with times in
+// ns: when the device posted it (its globaltimer), when the worker took it and when its copies were
+// enqueued (the host's CLOCK_REALTIME; the two clocks agree to within a few microseconds on an H100
+// machine, and their offset is constant within a run), and when the done of an earlier request began and
+// ended waiting (device clock; -1 if that done did not wait).
 bool TraceOn() {
   static const bool on = EnvFlag("PREGATED_JAX_DMA_TRACE");
   return on;
@@ -358,7 +367,9 @@ class Channel {
     int k32 = static_cast<int>(k);
     unsigned long long timeout_ns = static_cast<unsigned long long>(WaitTimeoutS() * 1e9);
     KernelTables t = tables;
-    void* params[] = {&ids_ptr, &k32, &token_ptr, &counter_, &timeout_ns, &fault_device_, &t};
+    unsigned num_marks = kMarks;
+    void* params[] = {&ids_ptr, &k32, &token_ptr, &counter_, &timeout_ns, &fault_device_, &t, &wait_marks_device_,
+                      &num_marks};
     size_t bytes = 0;
     for (int j = 0; j < tables.n; ++j) bytes += k * tables.row[j];
     // Enough threads to zero empty rows at memory bandwidth; blocks with nothing to zero exit at once.
@@ -417,6 +428,18 @@ class Channel {
     std::memset(fault, 0, sizeof(Fault));
     fault_ = static_cast<volatile Fault*>(fault);
     if ((e = check(cu.mem_host_get_device_pointer(&fault_device_, fault, 0), "cuMemHostGetDevicePointer")).size()) return e;
+    if (TraceOn()) {
+      void* marks_host = nullptr;
+      if ((e = check(cu.mem_host_alloc(&marks_host, kMarks * sizeof(WaitMark), mapped), "cuMemHostAlloc (trace)")).size()) {
+        return e;
+      }
+      std::memset(marks_host, 0, kMarks * sizeof(WaitMark));
+      wait_marks_ = static_cast<volatile WaitMark*>(marks_host);
+      if ((e = check(cu.mem_host_get_device_pointer(&wait_marks_device_, marks_host, 0), "cuMemHostGetDevicePointer"))
+              .size()) {
+        return e;
+      }
+    }
     static const uint32_t zeros[2] = {0, 0};
     if ((e = check(cu.memcpy_htod(counter_, zeros, sizeof(zeros), copy_stream_), "zeroing the counters")).size()) return e;
     if ((e = check(cu.stream_synchronize(copy_stream_), "zeroing the counters")).size()) return e;
@@ -467,15 +490,7 @@ class Channel {
     const int64_t num_rows = r->num_rows;
     std::vector<int32_t> ids(k);
     for (size_t i = 0; i < k; ++i) ids[i] = r->ids[i];
-    if (TraceOn()) {
-      const auto us = std::chrono::duration_cast<std::chrono::microseconds>(
-                          std::chrono::steady_clock::now().time_since_epoch()).count();
-      std::string list;
-      for (size_t i = 0; i < std::min<size_t>(k, 16); ++i) list += (i ? "," : "") + std::to_string(ids[i]);
-      std::fprintf(stderr, "pgj %lld request #%u k=%zu n=%zu dst=%llx ids=[%s%s]\n", static_cast<long long>(us), seq,
-                   k, n, static_cast<unsigned long long>(r->dst[0]), list.c_str(), k > 16 ? ",..." : "");
-      std::fflush(stderr);
-    }
+    const int64_t picked_ns = TraceOn() ? RealtimeNs() : 0;
     if (ffi::Error err = CheckIds(ids.data(), k, num_rows); err.failure()) {
       Fail(err.message());
     } else {
@@ -498,6 +513,35 @@ class Channel {
     if (CUresult c = cu.memcpy_htod(counter_, mark, sizeof(uint32_t), copy_stream_)) {
       Fail(CudaMessage(c, "advancing the copy counter"));
     }
+    if (TraceOn()) PrintTrace(r, seq, ids, picked_ns);
+  }
+
+  static int64_t RealtimeNs() {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(
+               std::chrono::system_clock::now().time_since_epoch()).count();
+  }
+
+  // One line per request; with the wait of request seq - kTraceLag, whose done has run by now (if it waited).
+  void PrintTrace(volatile Request* r, uint32_t seq, const std::vector<int32_t>& ids, int64_t picked_ns) {
+    constexpr uint32_t kTraceLag = 64;
+    const int64_t enqueued_ns = RealtimeNs();
+    std::string list;
+    for (size_t i = 0; i < std::min<size_t>(ids.size(), 16); ++i) list += (i ? "," : "") + std::to_string(ids[i]);
+    long long wait_seq = -1, wait_start = -1, wait_end = -1;
+    if (seq > kTraceLag) {
+      volatile WaitMark* m = wait_marks_ + (seq - kTraceLag) % kMarks;
+      if (m->seq == seq - kTraceLag) {
+        wait_seq = static_cast<long long>(m->seq);
+        wait_start = static_cast<long long>(m->start_ns);
+        wait_end = static_cast<long long>(m->end_ns);
+      }
+    }
+    std::fprintf(stderr,
+                 "pgj request #%u k=%zu n=%d posted_ns=%llu picked_ns=%lld enqueued_ns=%lld ids=[%s%s] "
+                 "wait #%lld start_ns=%lld end_ns=%lld\n",
+                 seq, ids.size(), static_cast<int>(r->n), static_cast<unsigned long long>(r->posted_ns),
+                 static_cast<long long>(picked_ns), static_cast<long long>(enqueued_ns), list.c_str(),
+                 ids.size() > 16 ? ",..." : "", wait_seq, wait_start, wait_end);
   }
 
   void Fail(const std::string& message) {
@@ -515,6 +559,8 @@ class Channel {
   uint32_t* marks_ = nullptr;  // pinned [kMarks]: marks[s % kMarks] = s, the source of the counter's copy
   volatile Fault* fault_ = nullptr;  // pinned: a done's kernel records a timed-out wait here
   CUdeviceptr fault_device_ = 0;
+  volatile WaitMark* wait_marks_ = nullptr;  // pinned [kMarks], PREGATED_JAX_DMA_TRACE only: the dones' waits
+  CUdeviceptr wait_marks_device_ = 0;        // 0 (no recording) unless tracing
   CUfunction post_ = nullptr, wait_fill_ = nullptr;
 };
 

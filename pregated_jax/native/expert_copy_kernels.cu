@@ -12,7 +12,9 @@
 // 2. if any slot id is >= 0, one thread spins until `counter` reaches the start's number (its token).
 //    A start whose ids are all -1 copies nothing, and its done does not wait: a correct guess costs no
 //    round trip through the host;
-// 3. past `timeout_ns` it gives up and records the fault in pinned host memory (the host reports it), so
+// 3. with PREGATED_JAX_DMA_TRACE=1 (`marks` not null) it records when its wait began and ended, on the
+//    device's clock, for the worker's trace;
+// 4. past `timeout_ns` it gives up and records the fault in pinned host memory (the host reports it), so
 //    that a lost copy surfaces as an error, not a hang.
 //
 // expert_copy.cc embeds the PTX of this file (expert_copy_kernels.ptx.inc) and defines the same structs.
@@ -28,6 +30,7 @@ struct Request {                // one slot of the ring (pinned host memory)
   int n;                        // tables
   int pad;
   long long num_rows;           // rows of each source stack
+  unsigned long long posted_ns;  // the device's clock (globaltimer) when the request was posted
   unsigned long long src[PGJ_MAX_TABLES];  // host addresses of the stacks
   unsigned long long dst[PGJ_MAX_TABLES];  // device addresses of the tables
   unsigned long long row[PGJ_MAX_TABLES];  // bytes per row
@@ -42,6 +45,10 @@ struct Tables {
 
 struct Fault {  // pinned host memory; code 0: none
   unsigned code, seq, a, b;
+};
+
+struct WaitMark {  // pinned host memory, PREGATED_JAX_DMA_TRACE only: when a done's wait began and ended
+  unsigned long long seq, start_ns, end_ns;
 };
 
 __device__ __forceinline__ unsigned long long globaltimer() {
@@ -73,6 +80,7 @@ extern "C" __global__ void pgj_post(const int* ids, int k, unsigned* next_seq, R
   }
   __syncthreads();
   if (threadIdx.x == 0) {
+    r->posted_ns = globaltimer();
     __threadfence_system();  // the request's contents before its number
     r->seq = seq;
     *token = seq;
@@ -80,7 +88,8 @@ extern "C" __global__ void pgj_post(const int* ids, int k, unsigned* next_seq, R
 }
 
 extern "C" __global__ void pgj_wait_fill(const int* ids, int k, const unsigned* token, const volatile unsigned* counter,
-                                         unsigned long long timeout_ns, volatile Fault* fault, Tables t) {
+                                         unsigned long long timeout_ns, volatile Fault* fault, Tables t,
+                                         volatile WaitMark* marks, unsigned num_marks) {
   const unsigned long long tid = blockIdx.x * static_cast<unsigned long long>(blockDim.x) + threadIdx.x;
   const unsigned long long stride = gridDim.x * static_cast<unsigned long long>(blockDim.x);
   bool any_copy = false;
@@ -111,6 +120,13 @@ extern "C" __global__ void pgj_wait_fill(const int* ids, int k, const unsigned* 
       __threadfence_system();
       return;
     }
+  }
+  if (marks != nullptr) {  // tracing: record the wait in slot seq % num_marks
+    volatile WaitMark* m = marks + seq % num_marks;
+    m->start_ns = start;
+    m->end_ns = globaltimer();
+    __threadfence_system();
+    m->seq = seq;
   }
   __threadfence();
 }
