@@ -130,7 +130,7 @@ def engine_worker(args):
                         guess_first_block=args.guess_first_block,
                         copy_method=engine.copy_method, miss_copy_method=engine.miss_copy_method,
                         dma_wait="kernel" if engine.copy_method == "dma" else None,  # (h100-v9 on)
-                        xla_flags=os.environ.get("XLA_FLAGS"),
+                        xla_flags=os.environ.get("XLA_FLAGS"), cuda_module_loading=os.environ.get("CUDA_MODULE_LOADING"),
                         device_budget_gib=args.device_budget_gib if args.mode == "pregated" else None)
             print("ROW " + json.dumps(best), flush=True)
 
@@ -314,9 +314,11 @@ def plot(out: Path, rows: list[dict]) -> None:
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.xla_command_buffers == "loops" and args.worker is None:
-        from pregated_jax.engine.xla_flags import use_command_buffer_loops
-        use_command_buffer_loops()  # before any JAX computation; the workers inherit it
+    if args.worker is None:  # before any JAX computation; the workers inherit the environment
+        from pregated_jax.engine.xla_flags import use_command_buffer_loops, use_eager_module_loading
+        use_eager_module_loading()
+        if args.xla_command_buffers == "loops":
+            use_command_buffer_loops()
     if args.worker == "engine":
         return engine_worker(args)
     if args.worker == "peer":

@@ -76,9 +76,10 @@ def read_inputs(args) -> list[str]:
 
 def main(argv=None):
     args = parse_args(argv)
+    from pregated_jax.engine.xla_flags import use_command_buffer_loops, use_eager_module_loading
+    use_eager_module_loading()  # before the first JAX computation
     if args.xla_command_buffers == "loops":
-        from pregated_jax.engine.xla_flags import use_command_buffer_loops
-        use_command_buffer_loops()  # before the first JAX computation
+        use_command_buffer_loops()
     import numpy as np
     from tqdm import tqdm
 

@@ -523,6 +523,14 @@ def test_first_block_guess_default_is_on_for_a_single_row(setting, rows, guesses
         assert np.asarray(guess.slots.expert_ids).tolist() == [-1] * rows
 
 
+def test_eager_module_loading_is_set_unless_the_environment_chose():
+    from pregated_jax.engine.xla_flags import use_eager_module_loading
+    env = {}
+    assert use_eager_module_loading(env) and env == {"CUDA_MODULE_LOADING": "EAGER"}
+    env = {"CUDA_MODULE_LOADING": "LAZY"}
+    assert not use_eager_module_loading(env) and env == {"CUDA_MODULE_LOADING": "LAZY"}
+
+
 def test_command_buffer_loop_flags_are_added_unless_xla_flags_sets_command_buffers():
     from pregated_jax.engine.xla_flags import FLAG, use_command_buffer_loops
     env = {}

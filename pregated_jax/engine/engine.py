@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import warnings
 
 import jax
@@ -187,12 +188,15 @@ class InferenceEngine:
             if self.mem.device.platform != "gpu":
                 return "xla"
             if native.available():
+                _warn_if_modules_load_lazily()
                 return "dma"
             warnings.warn(f"copying experts with XLA's kernels, which do not overlap computation: "
                           f"{native.unavailable_reason()}", stacklevel=3)
             return "xla"
         if method == "dma" and not native.available():
             raise ValueError(f"copy_method='dma' needs the native library: {native.unavailable_reason()}")
+        if method == "dma" and self.mem.device.platform == "gpu":
+            _warn_if_modules_load_lazily()
         return method
 
     def _prefill_chunk(self) -> int:
@@ -605,6 +609,15 @@ def _repeat_guess(decision, k: int, step, max_len: int):
     """The next decode step's guess for a first MoE block: the experts `decision` needed [k], or none (-1)
     where step `step` is the last of `max_len`."""
     return jnp.where(step + 1 < max_len, F.needed_experts(decision, k), -1)
+
+
+def _warn_if_modules_load_lazily():
+    """The native copies' done kernel spins until the copy worker enqueues its copies; a kernel's first
+    launch under lazy module loading may wait for it (engine.xla_flags explains). Scripts set EAGER."""
+    if os.environ.get("CUDA_MODULE_LOADING", "").upper() != "EAGER":
+        warnings.warn("CUDA_MODULE_LOADING is not EAGER: with the native expert copies, a kernel's first launch "
+                      "under lazy loading can stall the copies until they time out. Set CUDA_MODULE_LOADING=EAGER "
+                      "before JAX starts (pregated_jax.engine.xla_flags.use_eager_module_loading).", stacklevel=4)
 
 
 def _backpressure(x):

@@ -1,4 +1,5 @@
-"""XLA flags the engine's scripts set for the GPU: the decode loop as one CUDA graph.
+"""Process settings the engine's scripts make for the GPU before JAX starts: the decode loop as one CUDA
+graph, and CUDA modules loaded eagerly.
 
 XLA records runs of kernels into CUDA graphs ("command buffers"). By default a `while_loop` is not recorded: the
 host evaluates its exit condition after every decode step and launches the next step, and the GPU idles at each
@@ -8,6 +9,15 @@ with the first-block guess: 762.1 -> 790.5 decode tokens/s (docs/benchmarks/h100
 
 XLA reads XLA_FLAGS when it creates its GPU backend: call `use_command_buffer_loops` before the first JAX
 computation. It leaves alone an XLA_FLAGS that already sets command buffers.
+
+Eager module loading (`use_eager_module_loading`): the native expert copies' done kernel spins on the GPU
+until the copy worker (a host thread) has enqueued its copies. With CUDA's default lazy loading, the first
+launch of a kernel may need a context synchronization ("Lazy Loading", CUDA programming guide: a kernel
+that waits for other work can deadlock with it). A first launch while a done spins, e.g. a computation
+compiled for a new batch shape near the end of a generation, can then stall the worker until the done gives
+up (PREGATED_JAX_DMA_WAIT_TIMEOUT_S). On an H100, two benchmark processes at batch 8 failed this way at the
+end of their first generation of a new shape (docs/benchmarks/h100-v11). CUDA reads CUDA_MODULE_LOADING once,
+when JAX initializes it.
 """
 
 from __future__ import annotations
@@ -24,4 +34,15 @@ def use_command_buffer_loops(environ=os.environ) -> bool:
     if FLAG in flags:
         return False
     environ["XLA_FLAGS"] = (flags + " " if flags else "") + f"{FLAG}={','.join(COMMAND_BUFFER_TYPES)}"
+    return True
+
+
+MODULE_LOADING = "CUDA_MODULE_LOADING"
+
+
+def use_eager_module_loading(environ=os.environ) -> bool:
+    """Sets CUDA_MODULE_LOADING=EAGER in `environ` unless it is set -> whether it changed anything."""
+    if environ.get(MODULE_LOADING):
+        return False
+    environ[MODULE_LOADING] = "EAGER"
     return True
