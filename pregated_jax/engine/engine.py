@@ -537,6 +537,10 @@ class InferenceEngine:
                 break
             crossed_check = t // self.config.check_every > done_before // self.config.check_every
             finished = all_finished(search) if crossed_check and self.config.stop_when_finished else None
+        if self.copy_method == "dma":
+            # The decode finishes before the host launches what follows (compiled anew for each shape): a
+            # kernel's first launch may wait for a spinning done (engine.xla_flags, eager module loading).
+            jax.block_until_ready(search)
         if guess is not None:  # started for a step that did not run: wait for its copies, count them wasted
             stats.add_speculation(F.unused(guess.slots.expert_ids))
             F.finish_fetch(guess)
