@@ -5,7 +5,7 @@ miss=: the copy method of the guess's and speculative mode's misses. batch=N: N 
 """
 import glob, json, os, sys, time
 import numpy as np, jax
-sys.path.insert(0, os.getcwd())
+sys.path.insert(0, os.environ.get("PGJ_SRC", os.getcwd()))
 from pregated_jax.bench.random_model import random_model
 from pregated_jax.config import get_preset
 from pregated_jax.engine import InferenceEngine
@@ -24,12 +24,64 @@ nb = int(flags.get("batch", 1))
 ids = (np.random.default_rng(0).integers(2, min(cfg.vocab_size, 32000), (nb, 256), dtype=np.int32)  # as benchmark.py
        if flags.get("ids") == "bench" else np.random.default_rng(0).integers(2, 500, (1, 256)).astype(np.int32))
 eng.generate(ids, max_new_tokens=64)
+import resource
+
+
+def cpu_stat():
+    """The cgroup's CPU throttling counters and this process's context switches."""
+    out = {}
+    try:
+        for line in open("/sys/fs/cgroup/cpu.stat"):
+            k, v = line.split()
+            out[k] = int(v)
+    except OSError:
+        pass
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    out["nvcsw"], out["nivcsw"] = ru.ru_nvcsw, ru.ru_nivcsw
+    return out
+
+
+import gc
+gc_events, gc_start = [], {}
+
+
+def on_gc(phase, info):
+    if phase == "start":
+        gc_start["t"] = time.time()
+    else:
+        gc_events.append((gc_start.get("t", 0), info["generation"], 1e3 * (time.time() - gc_start.get("t", 0)), info["collected"]))
+
+
+gc.callbacks.append(on_gc)
+dispatch = []
+inner = eng._decode_step
+
+
+def timed_step(*a, **k):
+    t = time.time()
+    out = inner(*a, **k)
+    dispatch.append((t, 1e3 * (time.time() - t)))
+    return out
+
+
+eng._decode_step = timed_step
+gc_mode = os.environ.get("GCMODE", "default")
+if gc_mode == "freeze":
+    gc.collect(); gc.freeze()
+elif gc_mode == "off":
+    gc.disable()
 runs = []
 for _ in range(int(os.environ.get("RUNS", 5))):
+    before, t0 = cpu_stat(), time.time()
+    del gc_events[:], dispatch[:]
     g = eng.generate(ids, max_new_tokens=64)
+    after = cpu_stat()
     runs.append(dict(prefill_ms=1e3 * g.stats.prefill_s, decode_ms_per_step=1e3 * g.stats.decode_s / g.stats.steps,
-                     steps=g.stats.steps, spec=[g.stats.speculative_hits, g.stats.speculative_needed, g.stats.speculative_wasted]))
-res = dict(tokens=g.tokens.tolist(), preset=preset, mode=mode, flags=flags, copy=eng.copy_method,
+                     steps=g.stats.steps, spec=[g.stats.speculative_hits, g.stats.speculative_needed, g.stats.speculative_wasted],
+                     t0=t0, t1=time.time(), gc=[(round(t - t0, 4), gen, round(ms, 2), c) for t, gen, ms, c in gc_events],
+                     dispatch=[(round(t - t0, 4), round(ms, 2)) for t, ms in dispatch], cpu={k: after[k] - before.get(k, 0) for k in after if k in
+                     ("nr_throttled", "throttled_usec", "usage_usec", "nvcsw", "nivcsw")}))
+res = dict(tokens=g.tokens.tolist(), preset=preset, mode=mode, flags=flags, copy=eng.copy_method, gc_mode=gc_mode,
            xla_flags=os.environ.get("XLA_FLAGS"), runs=runs,
            median_decode=float(np.median([r["decode_ms_per_step"] for r in runs])),
            median_prefill=float(np.median([r["prefill_ms"] for r in runs])))
