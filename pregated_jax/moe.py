@@ -56,10 +56,15 @@ def apply_experts(x: Array, decision: RouterDecision, wi: Array, wo: Array, dtyp
     table — and tokens whose expert is in no slot contribute 0 (so partial tables can be summed).
     """
     b, s, d = x.shape
-    tokens = x.reshape(b * s, d).astype(dtype)  # [T, d]
     num_groups = wi.shape[0]
     if expert_ids is None and b * s <= num_groups // 2:
-        return _gathered_experts(tokens, decision, wi, wo, dtype, dropout).reshape(b, s, d)
+        # Few tokens, many experts (decoding with every expert resident): gather the distinct experts into
+        # T slots and run the grouped matmul over those. A grouped matmul over all E groups reads every
+        # expert; per-token weight gathers read duplicates and ran 1.9-2.7x slower (h100-v12/moe-decode).
+        ids = jnp.unique(decision.expert_index.reshape(-1), size=b * s, fill_value=-1)  # [T]: distinct, then -1
+        take = jnp.maximum(ids, 0)  # empty slots hold expert 0; no token maps to them
+        return apply_experts(x, decision, wi[take], wo[take], dtype, dropout, ids)
+    tokens = x.reshape(b * s, d).astype(dtype)  # [T, d]
     if expert_ids is None:
         group = decision.expert_index.reshape(-1)  # [T]
     else:
@@ -80,15 +85,3 @@ def apply_experts(x: Array, decision: RouterDecision, wi: Array, wo: Array, dtyp
     y = jnp.zeros_like(y).at[order].set(y)  # back to token order
     weight = jnp.where(keep, decision.combine_weight.reshape(-1), 0.0).astype(dtype)  # [T]
     return (y * weight[:, None]).reshape(b, s, d)
-
-
-def _gathered_experts(tokens, decision: RouterDecision, wi, wo, dtype, dropout) -> Array:
-    """Few tokens, many experts (decoding with every expert resident): gather each token's expert
-    weights and multiply densely, reading T experts instead of touching all E groups. -> [T, d]."""
-    index = decision.expert_index.reshape(-1)  # [T]
-    h = jax.nn.relu(jnp.einsum("td,tdf->tf", tokens, wi[index].astype(dtype)))  # [T, ff]
-    if dropout is not None:
-        h = dropout(h)
-    y = jnp.einsum("tf,tfd->td", h, wo[index].astype(dtype))  # [T, d]
-    weight = jnp.where(decision.keep.reshape(-1), decision.combine_weight.reshape(-1), 0.0).astype(dtype)
-    return y * weight[:, None]

@@ -2,6 +2,7 @@
 
     python scripts/benchmark.py                       # the full GPU sweep (see --help), ~20 minutes on an H100
     python scripts/benchmark.py --tiny --out /tmp/b   # the CPU smoke configuration (the tests run it)
+    python scripts/benchmark.py --merge RUN1 RUN2 ... --out SWEEP   # one report from several runs' folders
 
 Every (preset, implementation, mode) runs in its own worker process, so each gets its own device memory
 peak. Workers print one JSON line per (batch, beams) row. Random bf16 weights at the real shapes.
@@ -65,6 +66,9 @@ def parse_args(argv=None):
     p.add_argument("--timeout", type=int, default=900, help="seconds per worker")
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks"))
     p.add_argument("--plot-only", action="store_true", help="redraw results.md/chart.png from results.json")
+    p.add_argument("--merge", nargs="+", metavar="RUN",
+                   help="write one report into --out from these runs' folders (each with a results.json); a later "
+                   "run's row replaces an earlier one's for the same preset, implementation, mode, batch and beams")
     p.add_argument("--worker", choices=["engine", "peer"], help=argparse.SUPPRESS)
     p.add_argument("--preset", help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
@@ -233,19 +237,27 @@ def write_report(out: Path, doc: dict) -> None:
     rows = doc["rows"]
     add_ratios(rows)
     (out / "results.json").write_text(json.dumps(doc, indent=1))
+    merged = "sources" in doc
     lines = [f"# Benchmark results\n", f"Machine: `{doc['machine'].get('nvidia_smi') or doc['machine'].get('device')}`, "
              f"jax {doc['machine'].get('jax')}. Command: `{doc['command']}`. "
              f"{doc['input_len']} input tokens, {doc['new_tokens']} new tokens, random bf16 weights. Our rows are "
              f"the best of the timed runs"
              + ("; results.json has every run's rates (`*_runs`).\n"
-                if any("decode_tokens_per_s_runs" in r for r in rows) else ".\n"),
-             "| preset | impl | mode | batch | beams | prefill ms | decode tok/s | end-to-end tok/s | x HF OnDemand "
-             "| decode / roofline | MoE block ms | GB moved | prefill H2D GB/s | peak GiB | peak vs gpu-only |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                if any("decode_tokens_per_s_runs" in r for r in rows) else ".\n")]
+    if merged:  # each row names its run; ratios pair rows of the merged table (same preset, batch, beams)
+        lines += ["Merged from these runs (column `run`); each run's folder holds its own command and raw rows:", ""]
+        lines += [f"- [{s['folder']}]({s['folder']}/results.md), started {s['started']}: `{s['command']}`"
+                  for s in doc["sources"]]
+        lines.append("")
+    lines += ["| preset | impl | mode | batch | beams | prefill ms | decode tok/s | end-to-end tok/s | x HF OnDemand "
+              "| decode / roofline | MoE block ms | GB moved | prefill H2D GB/s | peak GiB | peak vs gpu-only |"
+              + (" run |" if merged else ""),
+              "| --- " * (16 if merged else 15) + "|"]
     f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['preset']} | {r['impl']} | {r['mode']} | | | error: {r['error']} | | | | | | | | | |")
+            lines.append(f"| {r['preset']} | {r['impl']} | {r['mode']} | | | error: {r['error']} | | | | | | | | | |"
+                         + (f" {r['source']} |" if merged else ""))
             continue
         ours = r["impl"] == "pregated-jax"
         peak = r.get("peak_device_bytes") if ours else r.get("peak_gpu_bytes")
@@ -258,7 +270,7 @@ def write_report(out: Path, doc: dict) -> None:
             f"| {f(r.get('speedup_vs_hf_on_demand'), '.2f')} | {f(r.get('decode_over_roofline'), '.2f')} "
             f"| {f(r.get('moe_block_ms'), '.2f')} | {f(r['bytes_moved'] / 1e9 if ours else None, '.2f')} "
             f"| {f(r.get('prefill_gb_per_s'), '.1f')} | {f(peak / 2**30 if peak else None, '.2f')} "
-            f"| {f(r.get('peak_vs_gpu_only'), '.3f')} |")
+            f"| {f(r.get('peak_vs_gpu_only'), '.3f')} |" + (f" {r['source']} |" if merged else ""))
     spread = [r for r in rows if r.get("decode_over_roofline_runs")]
     if spread:
         lines += ["", "Decode / roofline of every timed run (the table's row is the run with the best end-to-end "
@@ -268,6 +280,45 @@ def write_report(out: Path, doc: dict) -> None:
                   + f" (median {statistics.median(r['decode_over_roofline_runs']):.3f})" for r in spread]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     plot(out, rows)
+
+
+DERIVED = ("prefill_gb_per_s", "roofline_decode_s", "decode_over_roofline", "decode_over_roofline_runs",
+           "peak_vs_gpu_only", "speedup_vs_hf_on_demand")  # add_ratios' fields, recomputed on a merged table
+
+
+def merge_runs(runs: list[Path], out: Path, command: str) -> dict:
+    """One report's document from several runs' results.json.
+
+    A later run's row replaces an earlier one's with the same (preset, impl, mode, batch, beams); a failed
+    worker's row is dropped where some run has rows of that (preset, impl, mode). Rows are ordered by preset,
+    implementation (ours first), mode, batch and beams, and each names its run (`source`, relative to `out`).
+    """
+    docs, by_key = [], {}
+    for run in runs:
+        path = Path(run) / "results.json"
+        if not path.is_file():
+            raise SystemExit(f"--merge: no results.json in {run}")
+        doc = json.loads(path.read_text())
+        if docs and (doc["input_len"], doc["new_tokens"]) != (docs[0]["input_len"], docs[0]["new_tokens"]):
+            raise SystemExit(f"--merge: {path} ran {doc['input_len']} input / {doc['new_tokens']} new tokens, "
+                             f"{runs[0]} ran {docs[0]['input_len']} / {docs[0]['new_tokens']}")
+        source = os.path.relpath(Path(run).resolve(), out.resolve())
+        docs.append(dict(doc, folder=source))
+        for row in doc["rows"]:
+            row = {k: v for k, v in row.items() if k not in DERIVED}
+            row["source"] = source
+            by_key[(row["preset"], row["impl"], row["mode"], row.get("batch"), row.get("num_beams"))] = row
+    ran = {k[:3] for k, r in by_key.items() if "error" not in r}
+    rows = [r for k, r in by_key.items() if "error" not in r or k[:3] not in ran]
+    presets = FULL["presets"] + TINY["presets"]
+    modes = FULL["modes"]
+    rank = lambda r: (presets.index(r["preset"]) if r["preset"] in presets else len(presets), r["preset"],  # noqa: E731
+                      r["impl"] != "pregated-jax", modes.index(r["mode"]) if r["mode"] in modes else len(modes),
+                      r.get("batch") or 0, r.get("num_beams") or 0)
+    return dict(command=command, machine=docs[0]["machine"], input_len=docs[0]["input_len"],
+                new_tokens=docs[0]["new_tokens"], started=min(d["started"] for d in docs),
+                sources=[dict(folder=d["folder"], command=d["command"], started=d["started"]) for d in docs],
+                rows=sorted(rows, key=rank))
 
 
 def plot(out: Path, rows: list[dict]) -> None:
@@ -328,8 +379,13 @@ def main(argv=None):
         if not (out / "results.json").is_file():
             raise SystemExit(f"--plot-only: no results.json in {out}")
         return write_report(out, json.loads((out / "results.json").read_text()))
-    out.mkdir(parents=True, exist_ok=True)
     command = "python scripts/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.merge:
+        doc = merge_runs([Path(m) for m in args.merge], out, command.strip())
+        out.mkdir(parents=True, exist_ok=True)
+        write_report(out, doc)
+        return print((out / "results.md").read_text())
+    out.mkdir(parents=True, exist_ok=True)
     doc = dict(command=command.strip(), machine=machine_info(), input_len=args.input_len,
                new_tokens=args.new_tokens, started=time.strftime("%Y-%m-%d %H:%M:%S"), rows=[])
     have_peer = _peer_available()

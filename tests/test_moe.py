@@ -34,11 +34,17 @@ def test_router_and_experts_match_naive_loop(capacity):
 
 
 @pytest.mark.parametrize("capacity", [None, 1])
-def test_few_token_gather_path_matches_naive_loop(capacity):
-    """T <= E/2 takes the gather path (decoding with all experts resident)."""
+@pytest.mark.parametrize("shared", [False, True])
+def test_few_token_distinct_expert_path_matches_naive_loop(capacity, shared):
+    """T <= E/2 gathers the step's distinct experts into T slots (decoding with all experts resident); with
+    `shared`, tokens repeat so several route to one expert and some slots stay empty."""
     h, classifier, wi, wo = _weights(2, e=8)
     h = h[:1, :3]  # 3 tokens, 8 experts
+    if shared:
+        h = h[:, [0, 1, 0]]
     decision = decide(h @ classifier, capacity)
+    if shared:
+        assert len(np.unique(np.asarray(decision.expert_index))) < 3
     index, prob, keep = naive_route(h, classifier, capacity)
     fast = apply_experts(h, decision, wi, wo, jnp.float32)
     np.testing.assert_allclose(fast, naive_moe(h, wi, wo, index, prob, keep), atol=1e-4, rtol=1e-4)

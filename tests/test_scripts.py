@@ -102,6 +102,62 @@ def test_benchmark_plot_only_redraws_a_recorded_run_and_names_a_missing_one(tmp_
     assert not missing.exists()
 
 
+def _bench_row(mode, decode_s, impl="pregated-jax", **kw):
+    row = dict(preset="switch-base-8", impl=impl, mode=mode, batch=1, num_beams=1, prefill_s=0.01, decode_s=decode_s,
+               decode_tokens_per_s=64 / decode_s, end_to_end_tokens_per_s=64 / (decode_s + 0.01), bytes_moved=0,
+               decode_bytes_moved=0, decode_bytes_needed=0, prefill_experts_copied=0, expert_bytes=1,
+               peak_device_bytes=2**30)
+    return dict(row, **kw)
+
+
+def test_benchmark_merge_replaces_rows_drops_superseded_failures_and_recomputes_ratios(tmp_path):
+    """--merge: a later run's row wins, a failed worker's row goes once another run has that worker's rows, and
+    the roofline and peer ratios pair rows of the merged table (hand-computed here)."""
+    def run(name, rows, input_len=256):
+        (tmp_path / name).mkdir()
+        doc = dict(command=f"python scripts/benchmark.py ({name})", machine={"device": "H100", "jax": "0"},
+                   input_len=input_len, new_tokens=64, started=f"2026-11-24 {name}", rows=rows)
+        (tmp_path / name / "results.json").write_text(json.dumps(doc))
+        return str(tmp_path / name)
+
+    early = run("early", [_bench_row("gpu-only", 0.2), _bench_row("pregated", 9.9),
+                          _bench_row("speculative", 0.4, decode_over_roofline=99.0),  # stale: against 0.2 s
+                          _bench_row("pregated", 0.5, batch=8, decode_over_roofline=99.0),  # no gpu-only at batch 8
+                          dict(preset="switch-base-8", impl="pregated-jax", mode="on-demand", error="timeout")])
+    late = run("late", [_bench_row("gpu-only", 0.1),
+                        _bench_row("pregated", 0.15, decode_bytes_needed=int(10.4e9), bytes_moved=int(10.4e9)),
+                        _bench_row("on-demand", 0.3),
+                        dict(_bench_row("on-demand", 1.0, impl="hf-transformers"), tokens_per_s=20.0)])
+    out = tmp_path / "sweep"
+    script = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--merge"]
+    proc = subprocess.run(script + [early, late, "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads((out / "results.json").read_text())
+    rows = {(r["impl"], r["mode"], r["batch"]): r for r in doc["rows"]}
+    assert len(doc["rows"]) == len(rows) == 6 and not any("error" in r for r in doc["rows"])
+    assert [(r["mode"], r["batch"]) for r in doc["rows"]] == [("gpu-only", 1), ("on-demand", 1), ("pregated", 1),
+                                                             ("pregated", 8), ("speculative", 1), ("on-demand", 1)]
+    assert [r["source"] for r in doc["rows"]] == ["../late"] * 3 + ["../early"] * 2 + ["../late"]
+    assert "decode_over_roofline" not in rows[("pregated-jax", "pregated", 8)]  # no partner: no stale ratio
+    assert [s["folder"] for s in doc["sources"]] == ["../early", "../late"]
+    pregated = rows[("pregated-jax", "pregated", 1)]
+    # roofline = max(gpu-only's 0.1 s, 10.4 GB / 52 GB/s = 0.2 s)
+    assert pregated["roofline_decode_s"] == pytest.approx(0.2)
+    assert pregated["decode_over_roofline"] == pytest.approx(0.75)
+    assert pregated["speedup_vs_hf_on_demand"] == pytest.approx(64 / 0.16 / 20.0)
+    assert rows[("pregated-jax", "speculative", 1)]["decode_over_roofline"] == pytest.approx(4.0)  # against late's 0.1 s
+    md = (out / "results.md").read_text()
+    assert "[../early](../early/results.md)" in md and "| ../late |" in md and (out / "chart.png").exists()
+
+    other = run("other", [_bench_row("gpu-only", 0.1)], input_len=128)
+    proc = subprocess.run(script + [early, other, "--out", str(tmp_path / "bad")], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0 and "results.json ran 128 input / 64 new tokens" in proc.stderr
+    proc = subprocess.run(script + [early, str(tmp_path / "none"), "--out", str(tmp_path / "bad")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and f"no results.json in {tmp_path / 'none'}" in proc.stderr
+
+
 def test_train_then_export_then_infer_round_trip(tmp_path):
     """An Orbax training run -> export_hf.py -> load_model: the same params, and the CLI runs on it."""
     from pregated_jax.train import load_model as load_orbax
