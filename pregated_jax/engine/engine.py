@@ -187,13 +187,12 @@ class InferenceEngine:
         if method == "auto":
             if self.mem.device.platform != "gpu":
                 return "xla"
-            if native.available():
-                _warn_if_modules_load_lazily()
-                return "dma"
-            warnings.warn(f"copying experts with XLA's kernels, which do not overlap computation: "
-                          f"{native.unavailable_reason()}", stacklevel=3)
-            return "xla"
-        if method == "dma" and not native.available():
+            if not native.available():
+                warnings.warn(f"copying experts with XLA's kernels, which do not overlap computation: "
+                              f"{native.unavailable_reason()}", stacklevel=3)
+                return "xla"
+            method = "dma"
+        elif method == "dma" and not native.available():
             raise ValueError(f"copy_method='dma' needs the native library: {native.unavailable_reason()}")
         if method == "dma" and self.mem.device.platform == "gpu":
             _warn_if_modules_load_lazily()

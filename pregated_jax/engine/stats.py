@@ -162,8 +162,11 @@ def _total(counts) -> int:
 
 
 def _cache_counters(engine) -> tuple[int, int]:
-    counters = jax.device_get([(c.hits, c.misses) for c in engine.caches.values()])
-    return int(sum(h for h, _ in counters)), int(sum(m for _, m in counters))
+    """(hits, misses) summed over the caches, on the host (waits for the device)."""
+    if not engine.caches:
+        return 0, 0
+    hits, misses = jax.device_get(_cache_counter_sums(engine))
+    return int(hits), int(misses)
 
 
 def _cache_counter_sums(engine) -> jax.Array:
