@@ -22,17 +22,13 @@ def load_model(path: str | Path = "default", dtype: str | None = None) -> Switch
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint path {path} does not exist")
-    hf_weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                  "pytorch_model.bin.index.json")
-    if any((path / name).exists() for name in hf_weights):
-        from pregated_jax.hf_checkpoint import from_pretrained
+    from pregated_jax.hf_checkpoint import WEIGHT_FILES, from_pretrained
 
+    if any((path / name).exists() for name in WEIGHT_FILES):
         return from_pretrained(path, dtype=dtype)
-    from pregated_jax.config import SwitchConfig
-    from pregated_jax.train.checkpoints import load_params, load_run_config, model_from_params
+    from pregated_jax.train.checkpoints import restore_model
 
-    cfg = SwitchConfig(**load_run_config(path)["model_config"])
-    return model_from_params(cfg if dtype is None else cfg.replace(dtype=dtype), load_params(path))
+    return restore_model(path, dtype=dtype)
 
 
 def vocabulary_for(path: str | Path = "default") -> str:

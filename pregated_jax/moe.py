@@ -60,7 +60,8 @@ def apply_experts(x: Array, decision: RouterDecision, wi: Array, wo: Array, dtyp
     if expert_ids is None and b * s <= num_groups // 2:
         # Few tokens, many experts (decoding with every expert resident): gather the distinct experts into
         # T slots and run the grouped matmul over those. A grouped matmul over all E groups reads every
-        # expert; per-token weight gathers read duplicates and ran 1.9-2.7x slower (h100-v12/moe-decode).
+        # expert; per-token weight gathers read duplicates and are slower (docs/design.md, "gpu-only: distinct
+        # experts into slots").
         ids = jnp.unique(decision.expert_index.reshape(-1), size=b * s, fill_value=-1)  # [T]: distinct, then -1
         take = jnp.maximum(ids, 0)  # empty slots hold expert 0; no token maps to them
         return apply_experts(x, decision, wi[take], wo[take], dtype, dropout, ids)

@@ -5,13 +5,19 @@
     python scripts/benchmark.py --merge RUN1 RUN2 ... --out SWEEP   # one report from several runs' folders
 
 Every (preset, implementation, mode) runs in its own worker process, so each gets its own device memory
-peak. Workers print one JSON line per (batch, beams) row. Random bf16 weights at the real shapes.
-Writes `results.json` (rows, machine, command), `results.md` (table, roofline ratios) and `chart.png`.
+peak; an engine worker receives its `EngineConfig` as JSON (`pregated_jax.engine_cli.to_json`). Workers print
+one JSON line per (batch, beams) row. Random bf16 weights at the real shapes. The engine flags are
+`EngineConfig`'s fields, as in scripts/infer.py, but for the mode (--modes sweeps it) and with
+--stop_when_finished off by default (every run does the same work); a cache applies to the modes that copy
+routed experts, a device budget to pregated mode only.
+Writes `results.json` (rows, machine, command), `results.md` (table, roofline ratios) and `chart.png` into
+--out (default: benchmark-results/<date-time> under the current directory).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -29,55 +35,59 @@ FULL = dict(presets=["switch-base-8", "switch-base-64", "switch-base-128", "swit
             peer_modes=["gpu-only", "on-demand"], batches=[1, 8], beams=[1, 4], input_len=256, new_tokens=64)
 TINY = dict(presets=["tiny"], modes=["gpu-only", "on-demand", "prefetch-all", "pregated", "speculative"],
             peer_modes=["gpu-only", "on-demand"], batches=[1, 2], beams=[1, 2], input_len=16, new_tokens=4)
-LINK_GBPS = 52.0  # measured pinned host->device bandwidth at 1 GB (NOTES.md §3)
+LINK_GBPS = 52.0  # pinned host->device bandwidth of the H100 machine's PCIe Gen5 link, measured with 1 GB copies
+RESULTS_VERSION = 2  # results.json's "version"; `read_results` upgrades every earlier one
 
 
 def parse_args(argv=None):
+    from pregated_jax.engine_cli import add_engine_flags, add_process_flags
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="the CPU smoke configuration")
     p.add_argument("--presets", nargs="+")
     p.add_argument("--modes", nargs="+")
-    p.add_argument("--peer-modes", nargs="*", help="HF peer modes (empty: no peer)")
+    p.add_argument("--peer_modes", nargs="*", help="HF peer modes (empty: no peer)")
     p.add_argument("--batches", nargs="+", type=int)
     p.add_argument("--beams", nargs="+", type=int)
-    p.add_argument("--input-len", type=int)
-    p.add_argument("--new-tokens", type=int)
+    p.add_argument("--input_len", type=int)
+    p.add_argument("--new_tokens", type=int)
     p.add_argument("--repeats", type=int, default=2,
                    help="timed runs per row (the best is reported; results.json keeps every run's rates)")
-    p.add_argument("--cache", default=None, help="cache policy for the offload modes (default: off)")
-    p.add_argument("--cache-experts", type=int, default=None)
-    p.add_argument("--device-budget-gib", type=float, default=None,
-                   help="bound the engine's expert buffers (pregated mode only)")
-    p.add_argument("--decode-steps-per-call", type=int, default=None,
-                   help="decode steps per dispatch of the engine's jitted step (default: EngineConfig's)")
-    p.add_argument("--guess-first-block", choices=["auto", "on", "off"], default="auto",
-                   help="pregated/speculative: guess the first decoder MoE block's experts (EngineConfig; auto: "
-                   "at batch x beams = 1)")
-    p.add_argument("--xla-command-buffers", choices=["loops", "xla-default"], default="loops",
-                   help="loops: record the decode loop as one CUDA graph (pregated_jax.engine.xla_flags; unless "
-                   "XLA_FLAGS sets command buffers); xla-default: leave XLA_FLAGS alone")
-    p.add_argument("--prefill-copy", choices=["routed", "whole"], default="routed",
-                   help="prefill copies the routed experts (default) or whole MoE blocks")
-    p.add_argument("--copy-method", choices=["auto", "xla", "dma"], default="auto",
-                   help="how the offload modes copy routed experts (EngineConfig.copy_method)")
-    p.add_argument("--profile-all-rows", action="store_true",
+    p.add_argument("--profile_all_rows", action="store_true",
                    help="per-MoE-block latency for every row (default: the first row of each worker only; "
                    "the profiled run dispatches block by block and compiles its own functions)")
     p.add_argument("--timeout", type=int, default=900, help="seconds per worker")
-    p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks"))
-    p.add_argument("--plot-only", action="store_true", help="redraw results.md/chart.png from results.json")
+    p.add_argument("--out", help="the report's folder (default: benchmark-results/<date-time>; --plot_only and "
+                   "--merge need it)")
+    p.add_argument("--plot_only", action="store_true", help="redraw results.md/chart.png from results.json")
     p.add_argument("--merge", nargs="+", metavar="RUN",
                    help="write one report into --out from these runs' folders (each with a results.json); a later "
                    "run's row replaces an earlier one's for the same preset, implementation, mode, batch and beams")
     p.add_argument("--worker", choices=["engine", "peer"], help=argparse.SUPPRESS)
     p.add_argument("--preset", help=argparse.SUPPRESS)
-    p.add_argument("--mode", help=argparse.SUPPRESS)
+    p.add_argument("--peer_mode", help=argparse.SUPPRESS)
+    p.add_argument("--engine_config", help=argparse.SUPPRESS)  # an engine worker's EngineConfig, as JSON
+    add_process_flags(p)
+    add_engine_flags(p, exclude=("mode",), stop_when_finished=False)
     args = p.parse_args(argv)
+    if (args.plot_only or args.merge) and args.out is None:
+        p.error("--plot_only and --merge need --out")
     base = TINY if args.tiny else FULL
     for k, v in base.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     return args
+
+
+def worker_config(args, mode: str):
+    """The engine flags' `EngineConfig` for one mode's worker: the cache only in the modes that copy routed
+    experts (gpu-only and prefetch-all keep whole blocks resident), the device budget only in pregated mode."""
+    from pregated_jax.engine_cli import engine_config_from_args
+
+    cached = mode not in ("gpu-only", "prefetch-all")
+    return engine_config_from_args(args, mode=mode, cache_policy=args.cache_policy if cached else None,
+                                   cache_experts=args.cache_experts if cached else None,
+                                   device_budget_bytes=args.device_budget_bytes if mode == "pregated" else None)
 
 
 # --- workers ------------------------------------------------------------------------------------------
@@ -88,23 +98,16 @@ def engine_worker(args):
 
     from pregated_jax.bench.random_model import random_model
     from pregated_jax.config import get_preset
-    from pregated_jax.engine import GUESS_FIRST_BLOCK_CHOICES, InferenceEngine
+    from pregated_jax.engine import InferenceEngine
+    from pregated_jax.engine_cli import GIB, flag_text, from_json
 
-    routing = "conventional" if args.mode == "speculative" else "pregated"
+    config = from_json(args.engine_config)
+    routing = "conventional" if config.mode == "speculative" else "pregated"
     dtype = "float32" if args.tiny else "bfloat16"
     cfg = get_preset(args.preset, routing=routing, dtype=dtype)
     t0 = time.perf_counter()
-    model = random_model(cfg, seed=0, experts_on_host=args.mode != "gpu-only")
-    kw = {}
-    if args.cache and args.mode not in ("gpu-only", "prefetch-all"):
-        kw.update(cache_policy=args.cache, cache_experts=args.cache_experts)
-    if args.device_budget_gib and args.mode == "pregated":
-        kw.update(device_budget_bytes=int(args.device_budget_gib * 2**30))
-    if args.decode_steps_per_call is not None:
-        kw.update(decode_steps_per_call=args.decode_steps_per_call)
-    engine = InferenceEngine(model, mode=args.mode, stop_when_finished=False,
-                             guess_first_block=GUESS_FIRST_BLOCK_CHOICES[args.guess_first_block],
-                             prefill_routed_only=args.prefill_copy == "routed", copy_method=args.copy_method, **kw)
+    model = random_model(cfg, seed=0, experts_on_host=config.mode != "gpu-only")
+    engine = InferenceEngine(model, config)
     del model
     build_s = time.perf_counter() - t0
     rng = np.random.default_rng(0)
@@ -129,13 +132,14 @@ def engine_worker(args):
                             if args.profile_all_rows or first_row else None)
             best.update(preset=args.preset, impl="pregated-jax", sampled_peak_bytes=mem_stats.sampled_peak_bytes,
                         moe_block_ms=moe_block_ms, compile_s=compile_s, build_s=build_s,
-                        cache=args.cache, device=str(jax.devices()[0].device_kind),
-                        decode_steps_per_call=engine.config.decode_steps_per_call, prefill_copy=args.prefill_copy,
-                        guess_first_block=args.guess_first_block,
+                        device=str(jax.devices()[0].device_kind), engine_config=dataclasses.asdict(config),
+                        cache=config.cache_policy, decode_steps_per_call=config.decode_steps_per_call,
+                        prefill_copy="routed" if config.prefill_routed_only else "whole",
+                        guess_first_block=flag_text("guess_first_block", config.guess_first_block),
                         copy_method=engine.copy_method, miss_copy_method=engine.miss_copy_method,
-                        dma_wait="kernel" if engine.copy_method == "dma" else None,  # (h100-v9 on)
+                        dma_wait="kernel" if engine.copy_method == "dma" else None,
                         xla_flags=os.environ.get("XLA_FLAGS"), cuda_module_loading=os.environ.get("CUDA_MODULE_LOADING"),
-                        device_budget_gib=args.device_budget_gib if args.mode == "pregated" else None)
+                        device_budget_gib=config.device_budget_bytes / GIB if config.device_budget_bytes else None)
             print("ROW " + json.dumps(best), flush=True)
 
 
@@ -148,29 +152,26 @@ def peer_worker(args):
     device = "cpu" if args.tiny else "cuda"
     for batch in args.batches:
         for beams in args.beams:
-            r = run_hf_peer(cfg, args.mode, batch, beams, input_len=args.input_len, new_tokens=args.new_tokens,
+            r = run_hf_peer(cfg, args.peer_mode, batch, beams, input_len=args.input_len, new_tokens=args.new_tokens,
                             device=device, seed=0)
             r.pop("tokens", None)
-            r.update(preset=args.preset, impl="hf-transformers", mode=args.mode, batch=batch, num_beams=beams)
+            r.update(preset=args.preset, impl="hf-transformers", mode=args.peer_mode, batch=batch, num_beams=beams)
             print("ROW " + json.dumps(r), flush=True)
 
 
 # --- orchestration ------------------------------------------------------------------------------------
 
-def spawn(args, worker, preset, mode) -> list[dict]:
-    cmd = [sys.executable, __file__, "--worker", worker, "--preset", preset, "--mode", mode,
+def spawn(args, preset: str, mode: str, engine_config=None) -> list[dict]:
+    """Runs one worker: the engine with `engine_config` (an `EngineConfig`), or, without one, the HF peer in
+    `mode` -> its rows, or one row naming the error."""
+    from pregated_jax.engine_cli import to_json
+
+    worker = "peer" if engine_config is None else "engine"
+    cmd = [sys.executable, __file__, "--worker", worker, "--preset", preset,
            "--batches", *map(str, args.batches), "--beams", *map(str, args.beams),
-           "--input-len", str(args.input_len), "--new-tokens", str(args.new_tokens),
-           "--repeats", str(args.repeats), "--prefill-copy", args.prefill_copy,
-           "--copy-method", args.copy_method] + \
-          ([] if args.decode_steps_per_call is None else ["--decode-steps-per-call", str(args.decode_steps_per_call)]) + \
-          (["--tiny"] if args.tiny else []) + \
-          ["--guess-first-block", args.guess_first_block] + \
-          (["--profile-all-rows"] if args.profile_all_rows else [])
-    if args.cache:
-        cmd += ["--cache", args.cache] + (["--cache-experts", str(args.cache_experts)] if args.cache_experts else [])
-    if args.device_budget_gib:
-        cmd += ["--device-budget-gib", str(args.device_budget_gib)]
+           "--input_len", str(args.input_len), "--new_tokens", str(args.new_tokens), "--repeats", str(args.repeats)] + \
+          (["--tiny"] if args.tiny else []) + (["--profile_all_rows"] if args.profile_all_rows else []) + \
+          (["--peer_mode", mode] if engine_config is None else ["--engine_config", to_json(engine_config)])
     t = time.perf_counter()
     env = dict(os.environ)
     env.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/pregated_jax_compile_cache")
@@ -220,11 +221,10 @@ def add_ratios(rows: list[dict]) -> None:
             r["prefill_gb_per_s"] = r["prefill_experts_copied"] * r["expert_bytes"] / r["prefill_s"] / 1e9
         g = gpu.get(key(r))
         if g:
-            needed = r.get("decode_bytes_needed", r["decode_bytes_moved"])  # results before h100-v8 lack it
-            roof = max(g["decode_s"], needed / (LINK_GBPS * 1e9))
+            roof = max(g["decode_s"], r["decode_bytes_needed"] / (LINK_GBPS * 1e9))
             r["roofline_decode_s"] = roof
             r["decode_over_roofline"] = r["decode_s"] / roof
-            if r.get("decode_s_runs"):  # every timed run's ratio (results before h100-v11 lack them)
+            if r.get("decode_s_runs"):  # every timed run's ratio, where the row kept every run
                 r["decode_over_roofline_runs"] = [d / roof for d in r["decode_s_runs"]]
             if g.get("peak_device_bytes") and r.get("peak_device_bytes"):
                 r["peak_vs_gpu_only"] = r["peak_device_bytes"] / g["peak_device_bytes"]
@@ -286,6 +286,22 @@ DERIVED = ("prefill_gb_per_s", "roofline_decode_s", "decode_over_roofline", "dec
            "peak_vs_gpu_only", "speedup_vs_hf_on_demand")  # add_ratios' fields, recomputed on a merged table
 
 
+def read_results(path: Path) -> dict:
+    """A results.json, upgraded to the current layout (`RESULTS_VERSION`): the one place that knows earlier ones.
+
+    Version 1 (no "version" key): a row of ours may lack `decode_bytes_needed` (the decode bytes that had to
+    move, without guesses' wasted copies); its best stand-in is the bytes moved. Its rows may also lack the
+    per-run lists (`*_runs`): those runs kept only the best timed run, and the report shows what a row has.
+    """
+    doc = json.loads(path.read_text())
+    if doc.get("version", 1) < 2:
+        for r in doc["rows"]:
+            if r.get("impl") == "pregated-jax" and "error" not in r:
+                r.setdefault("decode_bytes_needed", r["decode_bytes_moved"])
+    doc["version"] = RESULTS_VERSION
+    return doc
+
+
 def merge_runs(runs: list[Path], out: Path, command: str) -> dict:
     """One report's document from several runs' results.json.
 
@@ -298,7 +314,7 @@ def merge_runs(runs: list[Path], out: Path, command: str) -> dict:
         path = Path(run) / "results.json"
         if not path.is_file():
             raise SystemExit(f"--merge: no results.json in {run}")
-        doc = json.loads(path.read_text())
+        doc = read_results(path)
         if docs and (doc["input_len"], doc["new_tokens"]) != (docs[0]["input_len"], docs[0]["new_tokens"]):
             raise SystemExit(f"--merge: {path} ran {doc['input_len']} input / {doc['new_tokens']} new tokens, "
                              f"{runs[0]} ran {docs[0]['input_len']} / {docs[0]['new_tokens']}")
@@ -315,7 +331,7 @@ def merge_runs(runs: list[Path], out: Path, command: str) -> dict:
     rank = lambda r: (presets.index(r["preset"]) if r["preset"] in presets else len(presets), r["preset"],  # noqa: E731
                       r["impl"] != "pregated-jax", modes.index(r["mode"]) if r["mode"] in modes else len(modes),
                       r.get("batch") or 0, r.get("num_beams") or 0)
-    return dict(command=command, machine=docs[0]["machine"], input_len=docs[0]["input_len"],
+    return dict(version=RESULTS_VERSION, command=command, machine=docs[0]["machine"], input_len=docs[0]["input_len"],
                 new_tokens=docs[0]["new_tokens"], started=min(d["started"] for d in docs),
                 sources=[dict(folder=d["folder"], command=d["command"], started=d["started"]) for d in docs],
                 rows=sorted(rows, key=rank))
@@ -366,33 +382,36 @@ def plot(out: Path, rows: list[dict]) -> None:
 def main(argv=None):
     args = parse_args(argv)
     if args.worker is None:  # before any JAX computation; the workers inherit the environment
-        from pregated_jax.engine.xla_flags import use_command_buffer_loops, use_eager_module_loading
-        use_eager_module_loading()
-        if args.xla_command_buffers == "loops":
-            use_command_buffer_loops()
+        from pregated_jax.engine_cli import prepare_process
+        prepare_process(args)
     if args.worker == "engine":
         return engine_worker(args)
     if args.worker == "peer":
         return peer_worker(args)
-    out = Path(args.out)
+    out = Path(args.out or Path("benchmark-results") / time.strftime("%Y%m%d-%H%M%S"))
     if args.plot_only:
         if not (out / "results.json").is_file():
-            raise SystemExit(f"--plot-only: no results.json in {out}")
-        return write_report(out, json.loads((out / "results.json").read_text()))
+            raise SystemExit(f"--plot_only: no results.json in {out}")
+        return write_report(out, read_results(out / "results.json"))
     command = "python scripts/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.merge:
         doc = merge_runs([Path(m) for m in args.merge], out, command.strip())
         out.mkdir(parents=True, exist_ok=True)
         write_report(out, doc)
         return print((out / "results.md").read_text())
+    try:  # flags the engine rejects fail before any worker runs
+        configs = {mode: worker_config(args, mode) for mode in args.modes}
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     out.mkdir(parents=True, exist_ok=True)
-    doc = dict(command=command.strip(), machine=machine_info(), input_len=args.input_len,
+    print(f"writing into {out}", flush=True)
+    doc = dict(version=RESULTS_VERSION, command=command.strip(), machine=machine_info(), input_len=args.input_len,
                new_tokens=args.new_tokens, started=time.strftime("%Y-%m-%d %H:%M:%S"), rows=[])
     have_peer = _peer_available()
     for preset in args.presets:
-        jobs = [("engine", m) for m in args.modes] + [("peer", m) for m in (args.peer_modes or []) if have_peer]
-        for worker, mode in jobs:
-            doc["rows"] += spawn(args, worker, preset, mode)
+        jobs = [(m, configs[m]) for m in args.modes] + [(m, None) for m in (args.peer_modes or []) if have_peer]
+        for mode, config in jobs:
+            doc["rows"] += spawn(args, preset, mode, config)
             write_report(out, doc)  # after every worker: a partial sweep still leaves results
     print((out / "results.md").read_text())
 

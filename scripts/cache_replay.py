@@ -1,12 +1,12 @@
 """Replays an expert-access trace through the reference cache simulator under each eviction policy.
 
   python scripts/cache_replay.py --trace trace.json --capacity 16 [--policies lru,lfu,lifo,fifo,belady]
-                                 [--expert-bytes N] [--json out.json]
-  python scripts/cache_replay.py --synthetic [--blocks 12 --experts 128 --steps 256 --tokens 4 --zipf-a 1.2]
-                                 --capacity 16 [--save-trace trace.json]
+                                 [--expert_bytes N] [--json out.json]
+  python scripts/cache_replay.py --synthetic [--blocks 12 --experts 128 --steps 256 --tokens 4 --zipf_a 1.2]
+                                 --capacity 16 [--save_trace trace.json]
 
 Trace JSON: {"expert_bytes": int, "accesses": [[block_id, [expert ids...]], ...]}; block ids are any JSON
-scalar (each block has its own cache). --expert-bytes overrides the trace's value. --capacity takes a comma
+scalar (each block has its own cache). --expert_bytes overrides the trace's value. --capacity takes a comma
 list to sweep. Prints a markdown table: capacity, policy, hit rate, misses, GB moved (1 GB = 1e9 bytes).
 """
 
@@ -71,16 +71,16 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--synthetic", action="store_true", help="generate a Zipf-like trace instead")
     ap.add_argument("--capacity", required=True, help="slots per block (comma list to sweep)")
     ap.add_argument("--policies", default=",".join(POLICIES))
-    ap.add_argument("--expert-bytes", type=int, default=None, help="overrides the trace's expert_bytes")
+    ap.add_argument("--expert_bytes", type=int, default=None, help="overrides the trace's expert_bytes")
     ap.add_argument("--json", help="write the report here")
     g = ap.add_argument_group("synthetic trace")
     g.add_argument("--blocks", type=int, default=12)
     g.add_argument("--experts", type=int, default=128)
     g.add_argument("--steps", type=int, default=256)
     g.add_argument("--tokens", type=int, default=4, help="tokens routed per block per step")
-    g.add_argument("--zipf-a", type=float, default=1.2)
+    g.add_argument("--zipf_a", type=float, default=1.2)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--save-trace", help="write the synthetic trace here")
+    g.add_argument("--save_trace", help="write the synthetic trace here")
     a = ap.parse_args(argv)
 
     policies = [p.strip() for p in a.policies.split(",") if p.strip()]

@@ -2,18 +2,21 @@
 
     python scripts/evaluate.py --checkpoint default --task debian --max_examples 200 --workdir runs/eval
     python scripts/evaluate.py --checkpoint ckpt/ --task squad --mode pregated --num_beams 4 --workdir W
+    python scripts/evaluate.py --checkpoint ckpt/ --task debian --cache_policy lru --cache_experts 16 --workdir W
     python scripts/evaluate.py --checkpoint ckpt/ --data_file my.jsonl --input_field question \\
         --target_field answer --metric qa --workdir W
 
 Writes W/predictions.jsonl (one {"input", "target", "prediction"[, "answers"]} per line) and W/scores.json
 (metrics, settings, aggregated engine statistics), each written to a temporary file and then renamed, and
-prints the scores. TFDS tasks (xsum, squad, web_questions) need the data prepared first (`tfds build ...`,
+prints the scores. The engine takes a flag per `EngineConfig` field, as scripts/infer.py does (see --help).
+TFDS tasks (xsum, squad, web_questions) need the data prepared first (`tfds build ...`,
 see pregated_jax/data/sources.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -26,8 +29,7 @@ TASK_NAMES = ("debian", "xsum", "squad", "web_questions")
 
 
 def parse_args(argv=None):
-    from pregated_jax.engine import MODES
-    from pregated_jax.engine.fetch import POLICIES
+    from pregated_jax.engine_cli import add_engine_flags, add_process_flags
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="default",
@@ -44,18 +46,16 @@ def parse_args(argv=None):
     p.add_argument("--split", help="the task's split (default: its evaluation split)")
     p.add_argument("--data_dir", help="TFDS data directory (default ~/tensorflow_datasets)")
     p.add_argument("--max_examples", type=int, help="evaluate the first N examples only")
-    p.add_argument("--mode", choices=MODES, help="engine mode (default: pregated for pre-gated models, "
-                   "speculative for conventional ones)")
     p.add_argument("--num_beams", type=int, default=1)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--max_new_tokens", type=int, default=32)
     p.add_argument("--max_input_len", type=int, default=512, help="longer inputs are truncated")
     p.add_argument("--pad_to_multiple", type=int, default=32,
                    help="round batch widths up to this multiple so batches share compiled shapes")
-    p.add_argument("--cache", choices=POLICIES, help="device expert cache policy (default: no cache)")
-    p.add_argument("--cache_experts", type=int, help="cache slots per MoE block")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: the checkpoint's)")
     p.add_argument("--workdir", required=True, help="where predictions.jsonl and scores.json go")
+    add_process_flags(p)
+    add_engine_flags(p, mode=None)
     args = p.parse_args(argv)
     if args.data_file is None and (args.input_field != "inputs" or args.target_field != "targets"
                                    or args.input_prefix):
@@ -100,6 +100,8 @@ def read_task(args):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    from pregated_jax.engine_cli import engine_config_from_args, prepare_process
+    prepare_process(args)  # before the first JAX computation
     from pregated_jax.engine import InferenceEngine
     from pregated_jax.evaluation import evaluate
     from pregated_jax.loading import load_model, vocabulary_for
@@ -115,14 +117,13 @@ def main(argv=None) -> dict:
         model = load_model(args.checkpoint, dtype=args.dtype)
     except FileNotFoundError as e:
         raise SystemExit(f"error: {e}") from None
-    mode = args.mode or ("pregated" if model.config.routing == "pregated" else "speculative")
     try:
-        engine = InferenceEngine(model, mode=mode, cache_policy=args.cache, cache_experts=args.cache_experts)
+        engine = InferenceEngine(model, engine_config_from_args(args, routing=model.config.routing))
     except ValueError as e:  # a mode that does not fit the model, a cache without a size
         raise SystemExit(f"error: {e}") from None
     del model
     print(f"{label}{f' ({split})' if split else ''}: {len(examples)} examples, metric {metric}, "
-          f"engine mode {mode}", file=sys.stderr)
+          f"engine mode {engine.config.mode}", file=sys.stderr)
     result = evaluate(engine, examples, split, metric=metric, batch_size=args.batch_size,
                       max_input_len=args.max_input_len, max_new_tokens=args.max_new_tokens,
                       num_beams=args.num_beams, tokenizer=vocabulary_for(args.checkpoint),
@@ -135,12 +136,12 @@ def main(argv=None) -> dict:
     scores = {
         "checkpoint": str(args.checkpoint), "task": args.task, "data_file": args.data_file, "split": split,
         "metric": metric, "metrics": result["metrics"], "num_examples": result["num_examples"],
-        "settings": {k: getattr(args, k) for k in ("mode", "num_beams", "batch_size", "max_new_tokens",
-                                                   "max_input_len", "max_examples", "dtype", "cache",
-                                                   "cache_experts")},
+        "settings": {"mode": engine.config.mode,
+                     **{k: getattr(args, k) for k in ("num_beams", "batch_size", "max_new_tokens", "max_input_len",
+                                                      "max_examples", "dtype")},
+                     "engine": dataclasses.asdict(engine.config)},
         "stats": result["stats"],
     }
-    scores["settings"]["mode"] = result["stats"]["mode"]
     write_atomic(workdir / "scores.json", json.dumps(scores, indent=1) + "\n")
 
     print(f"\n{label}{f' ({split})' if split else ''}, {result['num_examples']} examples:")

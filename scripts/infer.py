@@ -2,13 +2,15 @@
 
     python scripts/infer.py                                  # built-in default model, demo inputs
     python scripts/infer.py --text "summarize: ..." --mode on-demand --num_beams 4
+    python scripts/infer.py --mode pregated --cache_policy lru --cache_experts 16 --guess_first_block off
     python scripts/infer.py --checkpoint path/to/hf_or_orbax_dir --file inputs.txt --json out.json
     echo "summarize: ..." | python scripts/infer.py --checkpoint ...
 
 Inputs come from --text (repeatable), --file (one per line), or standard input; with none of these, a few
 held-out Debian package descriptions. Prints each output, then the run statistics (prefill latency,
 tokens/s, per-MoE-block latency with --profile, bytes moved host->device, GB/s, peak device memory,
-cache and speculative hit rates).
+cache and speculative hit rates). Every `EngineConfig` field has a flag of its name (see --help;
+`device_budget_bytes` is given in GiB as --device_budget_gib).
 """
 
 from __future__ import annotations
@@ -22,39 +24,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a so
 
 
 def parse_args(argv=None):
-    from pregated_jax.engine import MODES, EngineConfig
-    from pregated_jax.engine.fetch import POLICIES
+    from pregated_jax.engine_cli import add_engine_flags, add_process_flags
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="default",
                    help="'default' (built-in model), a Hugging Face directory, or an Orbax checkpoint of ours")
     p.add_argument("--text", action="append", default=[], help="an input text (repeatable)")
     p.add_argument("--file", help="a file with one input per line")
-    p.add_argument("--mode", choices=MODES, help="engine mode (default: pregated for pre-gated models, "
-                   "speculative for conventional ones)")
     p.add_argument("--num_beams", type=int, default=1)
     p.add_argument("--max_new_tokens", type=int, default=32)
     p.add_argument("--max_input_len", type=int, default=512, help="longer inputs are truncated")
     p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--cache", choices=POLICIES, help="device expert cache policy (default: no cache)")
-    p.add_argument("--cache_experts", type=int, help="cache slots per MoE block")
-    p.add_argument("--device_budget_gib", type=float, help="bound for the engine's expert buffers")
-    p.add_argument("--decode_steps_per_call", type=int, default=EngineConfig.decode_steps_per_call,
-                   help="decode steps per dispatch (a loop inside the jitted step that stops at EOS; same tokens)")
-    p.add_argument("--guess_first_block", choices=["auto", "on", "off"], default="auto",
-                   help="pregated/speculative: start copying the first decoder MoE block's experts of the "
-                   "previous step before its gate runs (EngineConfig.guess_first_block; same tokens; auto: "
-                   "when batch x beams = 1)")
-    p.add_argument("--xla_command_buffers", choices=["loops", "xla-default"], default="loops",
-                   help="loops: run the decode loop as one CUDA graph (pregated_jax.engine.xla_flags; unless "
-                   "XLA_FLAGS sets command buffers); xla-default: leave XLA_FLAGS alone")
-    p.add_argument("--copy_method", choices=["auto", "xla", "dma"], default=EngineConfig.copy_method,
-                   help="how routed experts are copied: dma (native copy-engine transfers that overlap "
-                   "computation), xla (XLA's copy kernels), auto (dma on a GPU when it builds)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: the checkpoint's)")
     p.add_argument("--profile", action="store_true", help="also time every MoE block (a synchronized pass)")
     p.add_argument("--warmup", action="store_true", help="compile with a first, untimed run of each batch")
     p.add_argument("--json", help="write outputs and statistics here")
+    add_process_flags(p)
+    add_engine_flags(p, mode=None)
     return p.parse_args(argv)
 
 
@@ -76,30 +62,28 @@ def read_inputs(args) -> list[str]:
 
 def main(argv=None):
     args = parse_args(argv)
-    from pregated_jax.engine.xla_flags import use_command_buffer_loops, use_eager_module_loading
-    use_eager_module_loading()  # before the first JAX computation
-    if args.xla_command_buffers == "loops":
-        use_command_buffer_loops()
+    from pregated_jax.engine_cli import engine_config_from_args, prepare_process
+    prepare_process(args)  # before the first JAX computation
     import numpy as np
     from tqdm import tqdm
 
     from pregated_jax.data.tokenizer import Tokenizer
-    from pregated_jax.engine import GUESS_FIRST_BLOCK_CHOICES, InferenceEngine
+    from pregated_jax.engine import InferenceEngine
     from pregated_jax.loading import load_model, vocabulary_for
 
     texts = read_inputs(args)
     print(f"loading {args.checkpoint} ...", file=sys.stderr)
     model = load_model(args.checkpoint, dtype=args.dtype)
     cfg = model.config
-    mode = args.mode or ("pregated" if cfg.routing == "pregated" else "speculative")
-    engine = InferenceEngine(model, mode=mode, cache_policy=args.cache, cache_experts=args.cache_experts,
-                             device_budget_bytes=int(args.device_budget_gib * 2**30) if args.device_budget_gib else None,
-                             decode_steps_per_call=args.decode_steps_per_call, copy_method=args.copy_method,
-                             guess_first_block=GUESS_FIRST_BLOCK_CHOICES[args.guess_first_block])
+    try:
+        engine = InferenceEngine(model, engine_config_from_args(args, routing=cfg.routing))
+    except ValueError as e:  # a mode that does not fit the model, a cache without a size
+        raise SystemExit(f"error: {e}") from None
     del model
     tok = Tokenizer(vocabulary_for(args.checkpoint))
     print(f"{cfg.num_experts} experts x {len(cfg.sparse_blocks('encoder')) + len(cfg.sparse_blocks('decoder'))} "
-          f"MoE blocks, routing {cfg.routing}, engine mode {mode}, {len(texts)} input(s)", file=sys.stderr)
+          f"MoE blocks, routing {cfg.routing}, engine mode {engine.config.mode}, {len(texts)} input(s)",
+          file=sys.stderr)
 
     results, all_stats = [], []
     batches = range(0, len(texts), args.batch_size)

@@ -5,13 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pregated_jax.engine import cache as C
 from pregated_jax.engine import fetch as F
 from pregated_jax.engine.cache_sim import ExpertCacheSim
 from pregated_jax.engine.placement import Memories
 from routing_examples import ROUTED, numbered_stacks, routed_decision
 
 
-@pytest.mark.parametrize("policy", F.POLICIES)
+@pytest.mark.parametrize("policy", C.POLICIES)
 def test_slot_by_slot_equal_to_simulator(policy):
     mem = Memories.for_device()
     e, k, capacity = 10, 3, 4
@@ -19,14 +20,14 @@ def test_slot_by_slot_equal_to_simulator(policy):
     host_wo = jax.device_put(-jnp.arange(e * 3 * 2, dtype=jnp.float32).reshape(e, 3, 2), mem.on_host)
     rng = np.random.default_rng(7)
     sim = ExpertCacheSim(capacity, policy)
-    states = {b: F.empty_cache(capacity, host_wi, host_wo, mem.on_device) for b in ("enc1", "dec3")}
+    states = {b: C.empty_cache(capacity, host_wi, host_wo, mem.on_device) for b in ("enc1", "dec3")}
     for step in range(40):
         block = ("enc1", "dec3")[rng.integers(2)]
         # skewed choice so that hits and evictions both happen
         needed = sorted(set(rng.choice(e, size=rng.integers(1, k + 1), p=_zipf(e)).tolist()))
         sim.access(block, needed)
         padded = jnp.asarray(needed + [-1] * (k - len(needed)), jnp.int32)
-        states[block] = F.cache_lookup(states[block], host_wi, host_wo, padded, policy, mem.on_device)
+        states[block] = C.cache_lookup(states[block], host_wi, host_wo, padded, policy, mem.on_device)
         ids = np.asarray(states[block].slots.expert_ids)
         expected = [-1 if s is None else s for s in sim.slots(block)]
         np.testing.assert_array_equal(ids, expected, err_msg=f"{policy} step {step} {block} {needed}")

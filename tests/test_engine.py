@@ -13,6 +13,8 @@ from pregated_jax.config import get_preset
 from pregated_jax.engine import EngineConfig, InferenceEngine
 from pregated_jax.generation import generate
 from pregated_jax.model import SwitchTransformer
+from hlo import custom_calls as _custom_calls
+from hlo import start_tokens as _start_tokens
 
 IDS = np.asarray(jax.random.randint(jax.random.key(1), (3, 9), 2, 128))
 MASK = np.array([[1] * 9, [1] * 6 + [0] * 3, [1] * 4 + [0] * 5])
@@ -200,18 +202,6 @@ def test_dma_copies_generate_the_reference_with_the_same_statistics(model):
         np.testing.assert_array_equal(beams.tokens, beam_ref, err_msg=mode)
 
 
-def _custom_calls(hlo: str, target: str) -> list[tuple[str, list[str]]]:
-    """(name, operand names) of every custom call to `target` in compiled HLO text, in schedule order."""
-    calls = re.findall(r"%(\S+) = .*? custom-call\(([^)]*)\), custom_call_target=\"" + target + "\"", hlo)
-    ops_of = lambda ops: [re.sub(r"/\*.*?\*/", "", o).strip().lstrip("%") for o in ops.split(",") if o.strip()]  # noqa: E731
-    return [(name, ops_of(ops)) for name, ops in calls]  # (HLO text marks every 5th operand /*index=5*/)
-
-
-def _start_tokens(hlo: str) -> dict[str, str]:
-    """{token value name: the pgj_fetch_start call that produced it} in compiled HLO text."""
-    return {m[0]: m[1] for m in re.findall(r"%(\S+) = s32\[\] get-tuple-element\(%(\S+)\), index=2", hlo)}
-
-
 def _compiled_decode_step(engine) -> str:
     """Compiled HLO text of the engine's fused decode step, as one greedy token at batch 1 calls it."""
     step, captured = engine._decode_step, []
@@ -274,7 +264,6 @@ def test_dma_next_step_guess_queues_behind_the_last_prefetch(routing):
     assert len(first_block) == 2, done
     for ops in first_block:
         assert {prefetch, next_guess} <= {tokens.get(o) for o in ops[4:]}, ops
-    assert not _custom_calls(hlo, "pgj_order")
 
 
 def test_first_block_guess_statistics_match_a_replay_of_the_routing():
@@ -539,3 +528,24 @@ def test_command_buffer_loop_flags_are_added_unless_xla_flags_sets_command_buffe
     assert use_command_buffer_loops(env) and env["XLA_FLAGS"].startswith("--xla_dump_to=/tmp/x " + FLAG + "=")
     env = {"XLA_FLAGS": FLAG + "="}  # the user's choice (here: none) stays
     assert not use_command_buffer_loops(env) and env["XLA_FLAGS"] == FLAG + "="
+
+
+def test_a_lost_native_copy_stops_the_generation_at_the_next_dispatch(monkeypatch):
+    """A fault the native copies recorded (a copy that failed, a wait that timed out) is raised before the next
+    decode dispatch, so no further step computes with what the lost copy left in its slots."""
+    from pregated_jax import native
+
+    cfg = get_preset("tiny", routing="pregated", num_experts=8, expert_capacity=6)
+    engine = InferenceEngine(SwitchTransformer(cfg, rngs=nnx.Rngs(0)), mode="pregated", copy_method="dma",
+                             decode_steps_per_call=1, stop_when_finished=False)
+    dispatches, step = [], engine._decode_step
+    engine._decode_step = lambda *args: dispatches.append(args) or step(*args)
+
+    def check_device_wait():  # the fault appears while the second dispatch runs
+        if len(dispatches) == 2:
+            raise RuntimeError("pgj_fetch_done: the device waited over PREGATED_JAX_DMA_WAIT_TIMEOUT_S")
+
+    monkeypatch.setattr(native, "check_device_wait", check_device_wait)
+    with pytest.raises(RuntimeError, match="waited over"):
+        engine.generate(IDS[:1], MASK[:1], max_new_tokens=9)
+    assert len(dispatches) == 2

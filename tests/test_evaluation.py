@@ -1,5 +1,6 @@
 """Evaluation: ROUGE and SQuAD EM/F1 on hand-computed examples, `evaluate` end to end, scripts/evaluate.py."""
 
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pregated_jax import InferenceEngine, SwitchTransformer, get_preset, save_pretrained
+from pregated_jax import EngineConfig, InferenceEngine, SwitchTransformer, get_preset, save_pretrained
 from pregated_jax.data import local_source
 from pregated_jax.data.tokenizer import default_tokenizer
 from pregated_jax.evaluation import (
@@ -173,20 +174,25 @@ def test_encode_batch_truncates_and_pads():
 
 # --- scripts/evaluate.py ---------------------------------------------------------------------------
 
-def _script():
+@pytest.fixture
+def evaluate_script(monkeypatch):
+    """scripts/evaluate.py as a module; the process settings its main() makes are undone after the test."""
+    for name in ("XLA_FLAGS", "CUDA_MODULE_LOADING"):
+        monkeypatch.delenv(name, raising=False)
     spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "scripts" / "evaluate.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def test_script_writes_predictions_and_scores(model, data_file, tmp_path, capsys):
+def test_script_writes_predictions_and_scores(evaluate_script, model, data_file, tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     save_pretrained(model, ckpt)
     work = tmp_path / "eval"
-    scores = _script().main(["--checkpoint", str(ckpt), "--data_file", str(data_file), "--input_field", "document",
-                             "--target_field", "summary", "--metric", "qa", "--max_examples", "3",
-                             "--batch_size", "2", "--max_new_tokens", "3", "--workdir", str(work)])
+    scores = evaluate_script.main(["--checkpoint", str(ckpt), "--data_file", str(data_file), "--input_field",
+                                   "document", "--target_field", "summary", "--metric", "qa", "--max_examples", "3",
+                                   "--batch_size", "2", "--max_new_tokens", "3", "--copy_method", "xla",
+                                   "--workdir", str(work)])
     lines = (work / "predictions.jsonl").read_text().splitlines()
     preds = [json.loads(line) for line in lines]
     assert len(preds) == 3 and [p["target"] for p in preds] == [e["summary"] for e in EXAMPLES[:3]]
@@ -195,12 +201,13 @@ def test_script_writes_predictions_and_scores(model, data_file, tmp_path, capsys
     assert on_disk["metrics"] == pytest.approx(squad_scores([p["prediction"] for p in preds],
                                                             [[p["target"]] for p in preds]))
     assert on_disk["stats"]["new_tokens"] == 9 and on_disk["settings"]["mode"] == "pregated"
+    assert on_disk["settings"]["engine"] == dict(dataclasses.asdict(EngineConfig()), copy_method="xla")
     assert not [p for p in work.iterdir() if p.name.endswith(".tmp")]
     assert "exact_match" in capsys.readouterr().out
 
 
-def test_script_errors(data_file, tmp_path, capsys):
-    script = _script()
+def test_script_errors(evaluate_script, data_file, tmp_path, capsys):
+    script = evaluate_script
     with pytest.raises(SystemExit, match="does_not_exist"):
         script.main(["--checkpoint", "/tmp/does_not_exist", "--data_file", str(data_file), "--input_field",
                      "document", "--target_field", "summary", "--workdir", str(tmp_path)])

@@ -4,6 +4,7 @@ fetch, against numpy and the "xla" fetch."""
 import ctypes
 import os
 import re
+import types
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ import pytest
 from pregated_jax import native
 from pregated_jax.engine import fetch as F
 from pregated_jax.engine.placement import Memories
+from hlo import custom_calls, start_tokens
 from routing_examples import numbered_stacks, routed_decision
 
 E = 8
@@ -178,6 +180,11 @@ def _decision_and_stacks():
     return mem, host_wi, host_wo, stacks, routed_decision()
 
 
+def _block(host_wi, host_wo, stacks):
+    """What a CopyQueue reads of a block program: its host stacks and their native descriptions."""
+    return types.SimpleNamespace(host_wi=host_wi, host_wo=host_wo, host_stacks=stacks)
+
+
 @pytest.mark.parametrize("exclude", [None, [4, 1], [0, 1, 3, 4, 6]])
 @pytest.mark.parametrize("k", [8, 3])  # k = 3 < 5 routed experts: needed_experts truncates
 def test_dma_fetch_equals_xla_fetch(exclude, k):
@@ -185,7 +192,8 @@ def test_dma_fetch_equals_xla_fetch(exclude, k):
     excl = None if exclude is None else jnp.asarray(exclude, jnp.int32)
     results = {}
     for method in F.COPY_METHODS:
-        pending, copied = F.start_fetch(method, host_wi, host_wo, stacks, decision, k, mem.on_device, excl)
+        pending, copied = F.CopyQueue(mem.on_device).start(method, _block(host_wi, host_wo, stacks), decision, k,
+                                                           excl)
         assert isinstance(pending, F.PendingSlots) and (pending.token is None) == (method == "xla")
         slots = F.finish_fetch(pending)
         results[method] = (np.asarray(slots.wi), np.asarray(slots.wo), np.asarray(slots.expert_ids), int(copied))
@@ -206,8 +214,8 @@ def test_dma_fetch_with_compact_holds_the_same_experts():
     excl = jnp.asarray([4, 1], jnp.int32)
     tables = {}
     for method in F.COPY_METHODS:
-        pending, copied = F.start_fetch(method, host_wi, host_wo, stacks, decision, E, mem.on_device, excl,
-                                        compact=True)
+        pending, copied = F.CopyQueue(mem.on_device).start(method, _block(host_wi, host_wo, stacks), decision, E,
+                                                           excl, compact=True)
         slots = F.finish_fetch(pending)
         assert int(copied) == 3
         tables[method] = {int(e): (np.asarray(slots.wi[j]), np.asarray(slots.wo[j]))
@@ -218,29 +226,42 @@ def test_dma_fetch_with_compact_holds_the_same_experts():
         np.testing.assert_array_equal(wo, np.asarray(host_wo)[e])
 
 
-def test_dma_fetch_inside_a_traced_step():
-    """start, then finish with `after` operands, inside one jit (the fused decode step's path)."""
+def test_dma_fetch_inside_a_traced_step_is_ordered_by_the_queue():
+    """Inside one jit (the fused decode step's path): the second start takes the first start's token (its
+    copies queue behind), and the first fetch's wait takes the value it must follow and the second start's
+    token (issued before the wait, so its copies overlap what runs in between). The tables are right."""
     mem, host_wi, host_wo, stacks, decision = _decision_and_stacks()
+    block = _block(host_wi, host_wo, stacks)
 
     @jax.jit
     def step(decision, x):
-        pending, copied = F.start_fetch("dma", host_wi, host_wo, stacks, decision, 6, mem.on_device)
+        queue = F.CopyQueue(mem.on_device)
+        first, copied = queue.start("dma", block, decision, 6)
+        second, _ = queue.start_ids("dma", block, jnp.asarray([2, -1], jnp.int32))
         x = x * 2
-        slots = F.finish_fetch(pending, x, pending.token)
-        return slots, copied, x
+        slots = queue.finish(first, x)
+        return slots, queue.finish(second), copied, x
 
-    slots, copied, x = step(decision, jnp.arange(4.0))
+    slots, other, copied, x = step(decision, jnp.arange(4.0))
     want_ids = [0, 1, 3, 4, 6, -1]
     assert np.asarray(slots.expert_ids).tolist() == want_ids and int(copied) == 5
     np.testing.assert_array_equal(slots.wi, reference(np.asarray(host_wi), want_ids))
     np.testing.assert_array_equal(slots.wo, reference(np.asarray(host_wo), want_ids))
+    np.testing.assert_array_equal(other.wi, reference(np.asarray(host_wi), [2, -1]))
     np.testing.assert_array_equal(x, np.arange(4.0) * 2)
+    hlo = step.lower(decision, jnp.arange(4.0)).compile().as_text()
+    starts, tokens = custom_calls(hlo, "pgj_fetch_start"), start_tokens(hlo)
+    assert len(starts) == 2
+    (first, _), (second, second_ops) = starts
+    assert [tokens.get(o) for o in second_ops][1:] == [first], starts
+    dones = {tokens.get(ops[3]): ops for _, ops in custom_calls(hlo, "pgj_fetch_done")}  # by the start waited for
+    assert second in [tokens.get(o) for o in dones[first][4:]], dones
 
 
 def test_unknown_copy_method_is_rejected():
     mem, host_wi, host_wo, stacks, decision = _decision_and_stacks()
     with pytest.raises(ValueError, match="unknown copy method 'teleport'"):
-        F.start_fetch("teleport", host_wi, host_wo, stacks, decision, 4, mem.on_device)
+        F.CopyQueue(mem.on_device).start("teleport", _block(host_wi, host_wo, stacks), decision, 4)
 
 
 def test_done_zeroes_empty_slots_over_stale_memory(stacks):

@@ -1,7 +1,8 @@
 """Smoke checks of the command-line jobs: the main job (infer.py) and the benchmark's CPU configuration."""
 
+import dataclasses
+import importlib.util
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,10 +11,18 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pregated_jax import SwitchTransformer, get_preset, save_pretrained
+from pregated_jax import EngineConfig, SwitchTransformer, get_preset, save_pretrained
 from pregated_jax.loading import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_script(name: str):
+    """scripts/<name>.py as a module."""
+    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +37,7 @@ def test_infer_generates_and_reports(t5_vocab_model, tmp_path):
     out = tmp_path / "out.json"
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "infer.py"), "--checkpoint", str(t5_vocab_model),
                            "--text", "summarize: a tool that converts address books", "--text", "summarize: x",
-                           "--max_new_tokens", "5", "--json", str(out)],
+                           "--max_new_tokens", "5", "--decode_steps_per_call", "2", "--json", str(out)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| end-to-end |" in proc.stdout and "engine mode pregated" in proc.stderr
@@ -60,17 +69,23 @@ def test_benchmark_tiny_smoke(tmp_path):
     try:
         import accelerate  # noqa: F401
         import transformers  # noqa: F401
-        peer = ["--peer-modes", "on-demand"]
+        peer = ["--peer_modes", "on-demand"]
     except ImportError:
-        peer = ["--peer-modes"]
+        peer = ["--peer_modes"]
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--tiny", "--out", str(tmp_path),
                            "--modes", "gpu-only", "pregated", "speculative", "--batches", "1", "--beams", "2",
-                           "--repeats", "2", *peer], capture_output=True, text=True, timeout=900)
+                           "--repeats", "2", "--guess_first_block", "on", "--decode_steps_per_call", "3", *peer],
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     doc = json.loads((tmp_path / "results.json").read_text())
     rows = [r for r in doc["rows"] if r["impl"] == "pregated-jax"]
     assert not [r for r in doc["rows"] if "error" in r], doc["rows"]
     assert {r["mode"] for r in rows} == {"gpu-only", "pregated", "speculative"}
+    # each worker ran the flags' EngineConfig in its own mode, with every step run (stop_when_finished off)
+    expected = dataclasses.asdict(EngineConfig(guess_first_block=True, decode_steps_per_call=3,
+                                               stop_when_finished=False))
+    assert all(r["engine_config"] == dict(expected, mode=r["mode"]) for r in rows)
+    assert all(r["guess_first_block"] == "on" and r["decode_steps_per_call"] == 3 for r in rows)
     assert all(r["new_tokens"] == 4 and r["decode_tokens_per_s"] > 0 for r in rows)
     assert all(r["dma_wait"] is None for r in rows if r["copy_method"] != "dma")  # the wait mode only with DMA
     for r in rows:  # every timed run is kept, and the row's rates are those of one of them (the best)
@@ -87,19 +102,27 @@ def test_benchmark_tiny_smoke(tmp_path):
         assert any(r["impl"] == "hf-transformers" for r in doc["rows"])
 
 
-def test_benchmark_plot_only_redraws_a_recorded_run_and_names_a_missing_one(tmp_path):
-    """--plot-only on a committed H100 run (recorded before the per-run rates existed), and on an empty folder."""
-    shutil.copy(ROOT / "docs" / "benchmarks" / "h100-v6" / "base128-batch1" / "results.json", tmp_path)
-    script = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--plot-only", "--out"]
+def test_benchmark_plot_only_redraws_a_version_1_run_and_names_a_missing_one(tmp_path):
+    """--plot_only on a results.json of the first layout (no version, no decode_bytes_needed, only the best run
+    kept), and on an empty folder; a sweep's default --out is not under docs/."""
+    old = [{k: v for k, v in _bench_row(mode, s, decode_bytes_moved=int(5.2e9)).items() if k != "decode_bytes_needed"}
+           for mode, s in (("gpu-only", 0.05), ("pregated", 0.15))]
+    (tmp_path / "results.json").write_text(json.dumps(dict(command="python scripts/benchmark.py", input_len=256,
+                                                           machine={"device": "H100", "jax": "0"}, new_tokens=64,
+                                                           started="2026-01-01 00:00:00", rows=old)))
+    script = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--plot_only", "--out"]
     proc = subprocess.run(script + [str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     md = (tmp_path / "results.md").read_text()
-    assert "| switch-base-128 | pregated-jax | pregated | 1 | 1 | 67." in md and (tmp_path / "chart.png").exists()
-    assert "best of the timed runs." in md and "_runs" not in md  # that run kept only the best
+    # roofline = max(gpu-only's 0.05 s, the 5.2 GB moved / 52 GB/s = 0.1 s): 0.15 s is 1.5 times it
+    assert "| switch-base-8 | pregated-jax | pregated | 1 | 1 | 10.0 | 426.7 | 400.0 | - | 1.50 |" in md
+    assert "best of the timed runs." in md and "_runs" not in md and (tmp_path / "chart.png").exists()
+    assert json.loads((tmp_path / "results.json").read_text())["version"] == 2
     missing = tmp_path / "nothing_here"
     proc = subprocess.run(script + [str(missing)], capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and f"no results.json in {missing}" in proc.stderr
     assert not missing.exists()
+    assert _load_script("benchmark").parse_args(["--tiny"]).out is None  # a sweep writes into benchmark-results/
 
 
 def _bench_row(mode, decode_s, impl="pregated-jax", **kw):
@@ -160,8 +183,7 @@ def test_benchmark_merge_replaces_rows_drops_superseded_failures_and_recomputes_
 
 def test_train_then_export_then_infer_round_trip(tmp_path):
     """An Orbax training run -> export_hf.py -> load_model: the same params, and the CLI runs on it."""
-    from pregated_jax.train import load_model as load_orbax
-    from pregated_jax.train import train_and_evaluate
+    from pregated_jax.train import restore_model, train_and_evaluate
     from pregated_jax.train.config import config_from_py
 
     cfg = config_from_py(str(ROOT / "configs" / "tiny.py"), [("training.num_steps", "2"), ("training.eval_every", "1000"),
@@ -170,7 +192,7 @@ def test_train_then_export_then_infer_round_trip(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "export_hf.py"), "--checkpoint", str(tmp_path / "run"),
                            "--out", str(tmp_path / "hf")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    a = nnx.state(load_orbax(tmp_path / "run"), nnx.Param)
+    a = nnx.state(restore_model(tmp_path / "run"), nnx.Param)
     b = nnx.state(load_model(tmp_path / "hf"), nnx.Param)
     for (pa, va), (pb, vb) in zip(nnx.to_flat_state(a), nnx.to_flat_state(b)):
         assert pa == pb
@@ -180,11 +202,7 @@ def test_train_then_export_then_infer_round_trip(tmp_path):
 
 def test_quality_report_from_run_metrics(tmp_path):
     """The quality experiment's report: the ROUGE table, the step counts and the curves' raw data."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("quality_experiment", ROOT / "scripts" / "quality_experiment.py")
-    qe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(qe)
+    qe = _load_script("quality_experiment")
     work, out = tmp_path / "work", tmp_path / "out"
     out.mkdir()
     runs = {}

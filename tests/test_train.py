@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 
 from pregated_jax.train import (ModelConfig, OptimizerConfig, TrainConfig, apply_override,
-                                build_model, config_from_gin, config_from_py, load_model, load_params,
+                                build_model, config_from_gin, config_from_py, load_params, restore_model,
                                 train_and_evaluate)
 from pregated_jax.train.optim import make_schedule
 
@@ -219,7 +219,7 @@ def test_params_restore_with_plain_orbax_in_subprocess(trained, tmp_path):
     subprocess.run([sys.executable, "-c", script, str(workdir / "checkpoints" / str(step) / "params"), str(out)],
                    cwd=tmp_path, env=env, check=True, capture_output=True)
     foreign = dict(np.load(out))
-    model = load_model(workdir)
+    model = restore_model(workdir)
     ours = {".".join(map(str, p)): np.asarray(v.get_value())
             for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     assert sorted(foreign) == sorted(ours)
@@ -266,7 +266,7 @@ def test_pregate_finetune_from_checkpoint(trained, tmp_path):
         assert blocks[1].router is None and blocks[1].pregate is None
     final, losses = run(cfg, tmp_path)
     assert [s for s, _ in losses] == [1, 2] and all(np.isfinite(l) for _, l in losses)
-    tuned = load_model(tmp_path)
+    tuned = restore_model(tmp_path)
     assert tuned.config.routing == "pregated"
     assert all(v.get_value().dtype == np.float32  # float32 master weights under bf16 compute
                for _, v in nnx.to_flat_state(nnx.state(tuned, nnx.Param)))

@@ -1,18 +1,15 @@
-"""Moving experts host -> device, driven by device-resident routing decisions.
+"""Moving experts host -> device, driven by routing decisions that stay on the device.
 
-Two copy methods fill the same slot tables (`start_fetch` / `finish_fetch`):
+Two copy methods fill the same slot tables (a `CopyQueue` starts and finishes them):
 - "xla": a jitted `dynamic_index_in_dim` on the pinned-host stack selects what to copy, and XLA copies it
-  with a kernel that reads host memory. Copies are skipped with `lax.cond` for empty slots and cache hits.
-  No host round trip (which would serialize the pipeline; NOTES.md §3), but on an H100 these kernels run
-  in series with the computation (docs/benchmarks/h100-copy-overlap).
+  with a kernel that reads host memory. Copies are skipped with `lax.cond` for empty slots. The index
+  never leaves the device, but these kernels run in series with the computation.
 - "dma": the native custom calls (`pregated_jax.native`): the start reads the ids once the compute stream
   has produced them and queues copy-engine transfers on a separate stream; the finish makes the compute
   stream wait for them on the device (not at all when nothing was copied). Whatever runs in between
   overlaps the copies.
-Every function returns how many experts it copied, as a device scalar, for the statistics.
-
-The device expert cache is a per-MoE-block slot table whose bookkeeping (LRU, LFU, LIFO, FIFO) runs on
-the device as well; `cache_sim.ExpertCacheSim` is its pure-Python reference.
+Whole blocks and ranges (`fetch_range`, `fetch_all`) are always XLA copies. Every function that copies
+returns how many experts it copied, as a device scalar, for the statistics.
 """
 
 from __future__ import annotations
@@ -29,7 +26,6 @@ from pregated_jax.moe import ExpertSlots
 from pregated_jax.routing import RouterDecision
 
 Array = jax.Array
-POLICIES = ("lru", "lfu", "lifo", "fifo")
 COPY_METHODS = ("xla", "dma")
 
 
@@ -48,7 +44,7 @@ def _copy_slice(host_wi, host_wo, expert, device: SingleDeviceSharding):
     return jax.device_put(wi, device), jax.device_put(wo, device)
 
 
-def _copy_expert(host_wi, host_wo, expert, device: SingleDeviceSharding):
+def copy_expert(host_wi, host_wo, expert, device: SingleDeviceSharding):
     """One expert's weights from host memory to the device, or zeros (no copy) when expert < 0."""
 
     def skip(_):
@@ -92,13 +88,12 @@ def _ids_to_copy(decision, k, exclude):
 
 def _copy_each_slot(host_wi, host_wo, ids, device):
     """Slot by slot, a static loop -> wi [k, d, ff], wo [k, ff, d] (zeros in empty slots)."""
-    pairs = [_copy_expert(host_wi, host_wo, ids[j], device) for j in range(ids.shape[0])]
+    pairs = [copy_expert(host_wi, host_wo, ids[j], device) for j in range(ids.shape[0])]
     return jnp.stack([p[0] for p in pairs]), jnp.stack([p[1] for p in pairs])
 
 
-# Why `compact` for prefill: H100, switch-base-128, 256 tokens, 6 encoder MoE blocks of ~56 routed experts
-# each: prefill 146 ms copying whole blocks, 130 ms with 128 `lax.cond` slots, 95 ms with the loop
-# (docs/benchmarks/h100-copy-overlap/README.md).
+# `compact` (prefill) copies in a loop over the routed experts only: with ~half of 128 experts routed, one
+# `lax.cond` per slot costs a third more time than the loop (docs/design.md, "Prefill copies").
 def _valid_first(ids):
     """ids [k] with -1 entries -> the same ids, valid ones first (stable), -1 after them."""
     order = jnp.argsort(ids < 0, stable=True)
@@ -122,7 +117,7 @@ def _copy_valid_slots(host_wi, host_wo, ids, device):
 
 @struct.dataclass
 class PendingSlots:
-    """A slot table on its way to the device: read it only through `finish_fetch`.
+    """A slot table on its way to the device: read it only through `CopyQueue.finish` / `finish_fetch`.
 
     token: for "dma", a scalar produced by the start; a later start or finish that takes it as an operand
     is ordered after this start. None for "xla", whose tables are ordinary values.
@@ -132,33 +127,71 @@ class PendingSlots:
     token: Array | None = None
 
 
-def start_fetch(method: str, host_wi, host_wo, stacks, decision: RouterDecision, k: int,
-                device: SingleDeviceSharding, exclude: Array | None = None, *, compact: bool = False,
-                after: PendingSlots | None = None):
-    """Starts copying the experts `decision` needs into a fresh k-slot table (see `fetch_decision`).
+class CopyQueue:
+    """The copies of one pass through a stack, in the order they reach the copy engine.
 
-    stacks: the block's (wi, wo) `native.HostStack`s, for "dma". after: inside a traced step, a fetch
-    whose copies must go first ("dma" copies run in the order their starts do; XLA orders independent
-    starts as it likes). -> (PendingSlots, experts copied).
+    "dma" copies run in the order their starts do, but XLA orders independent custom calls inside a traced
+    step as it likes. So inside a trace every start takes the previous start's token (its copies queue
+    behind the earlier ones), and every finish takes the tokens of the starts made after the fetch it waits
+    for: those starts are issued before the wait, so their copies overlap the computation that comes before
+    the table's use. Outside a trace, dispatch order is the order, and tokens are not passed.
+
+    first: a fetch started before this pass (a decode step's incoming first-block guess), which the pass's
+    own copies queue behind.
     """
-    if method == "xla":
-        slots, copied = fetch_decision(host_wi, host_wo, decision, k, device, exclude, compact=compact)
-        return PendingSlots(slots), copied
-    _check_method(method)
-    traced = after is not None and isinstance(after.token, jax.core.Tracer)
-    return _dma_start(stacks, decision, k, exclude, (after.token,) if traced else ())
+
+    def __init__(self, device: SingleDeviceSharding, first: PendingSlots | None = None):
+        self.device = device
+        self._started: list[PendingSlots] = [] if first is None else [first]
+
+    def start(self, method: str, block, decision: RouterDecision, k: int, exclude: Array | None = None, *,
+              compact: bool = False):
+        """Starts copying the experts `decision` needs into a fresh k-slot table (see `fetch_decision`).
+
+        block: anything with `host_wi`, `host_wo` (the [E, ...] host stacks) and `host_stacks` (their
+        `native.HostStack`s, for "dma"). -> (PendingSlots, experts copied [int32]).
+        """
+        if method == "xla":
+            slots, copied = fetch_decision(block.host_wi, block.host_wo, decision, k, self.device, exclude,
+                                           compact=compact)
+            return self._record(PendingSlots(slots)), copied
+        _check_method(method)
+        pending, copied = _dma_start(block.host_stacks, decision, k, exclude, self._behind())
+        return self._record(pending), copied
+
+    def start_ids(self, method: str, block, ids: Array):
+        """Starts copying experts `ids` [k] (-1: an empty slot), chosen before the block's gate runs.
+        -> (PendingSlots, experts copied)."""
+        if method == "xla":
+            slots, copied = fetch_ids(block.host_wi, block.host_wo, ids, self.device)
+            return self._record(PendingSlots(slots)), copied
+        _check_method(method)
+        pending, copied = _dma_start_ids(block.host_stacks, ids, self._behind())
+        return self._record(pending), copied
+
+    def finish(self, pending: PendingSlots, *after) -> ExpertSlots:
+        """The table, safe to read. after: values (inside a trace) the wait must follow, so that it sits just
+        before the table's use; the starts made after `pending` are added here."""
+        later = self._started[self._index(pending) + 1:]
+        return finish_fetch(pending, *after, *(p.token for p in later if _traced(p.token)))
+
+    def _behind(self) -> tuple:
+        last = self._started[-1].token if self._started else None
+        return (last,) if _traced(last) else ()
+
+    def _record(self, pending: PendingSlots) -> PendingSlots:
+        self._started.append(pending)
+        return pending
+
+    def _index(self, pending: PendingSlots) -> int:
+        for n, p in enumerate(self._started):
+            if p is pending:
+                return n
+        raise ValueError("finish() got a fetch this queue did not start")
 
 
-def start_fetch_ids(method: str, host_wi, host_wo, stacks, ids: Array, device: SingleDeviceSharding,
-                    after: PendingSlots | None = None):
-    """Starts copying experts `ids` [k] (-1: an empty slot) into a fresh k-slot table: a guess made before
-    the block's gate runs (see `start_fetch`). -> (PendingSlots, experts copied)."""
-    if method == "xla":
-        slots, copied = fetch_ids(host_wi, host_wo, ids, device)
-        return PendingSlots(slots), copied
-    _check_method(method)
-    traced = after is not None and isinstance(after.token, jax.core.Tracer)
-    return _dma_start_ids(stacks, ids, (after.token,) if traced else ())
+def _traced(token) -> bool:
+    return isinstance(token, jax.core.Tracer)
 
 
 def _check_method(method: str):
@@ -179,11 +212,10 @@ def _dma_start_ids(stacks, ids, after):
 
 
 def finish_fetch(pending: PendingSlots, *after) -> ExpertSlots:
-    """The table, safe to read. `after` (inside a traced step): values the wait must come after, so
-    that it is scheduled just before the table's use, not right after the start."""
+    """The table, safe to read. `after` (inside a traced step): values the wait must come after."""
     if pending.token is None:
         return pending.slots
-    if isinstance(pending.token, jax.core.Tracer):
+    if _traced(pending.token):
         return _dma_done(pending, *after)
     return _dma_finish(pending)
 
@@ -220,96 +252,7 @@ def _merge(a, b):
                        jnp.concatenate([a.expert_ids, b.expert_ids]))
 
 
-# --- the device expert cache --------------------------------------------------------------------
-
-@struct.dataclass
-class CacheState:
-    """One MoE block's device slot table and its bookkeeping (all on the device)."""
-
-    slots: ExpertSlots  # wi [C, d, ff], wo [C, ff, d], expert_ids [C] (-1: empty)
-    last_use: Array  # [C] int32 clock of the last access that needed the slot's expert
-    freq: Array  # [C] int32 accesses that needed it since it was inserted
-    inserted: Array  # [C] int32 clock of insertion
-    clock: Array  # [] int32, +1 per access
-    hits: Array  # [] int32
-    misses: Array  # [] int32
-
-
-def empty_cache(capacity: int, host_wi, host_wo, device: SingleDeviceSharding) -> CacheState:
-    return _empty_cache(host_wi, host_wo, capacity, device)
-
-
-@functools.partial(jax.jit, static_argnums=(2, 3))
-def _empty_cache(host_wi, host_wo, capacity, device):
-    z = lambda shape, dtype: jax.device_put(jnp.zeros(shape, dtype), device)  # noqa: E731
-    slots = ExpertSlots(z((capacity,) + host_wi.shape[1:], host_wi.dtype),
-                        z((capacity,) + host_wo.shape[1:], host_wo.dtype),
-                        jnp.full((capacity,), -1, jnp.int32))
-    zeros = jnp.zeros((capacity,), jnp.int32)
-    return CacheState(slots, zeros, zeros, zeros, jnp.int32(0), jnp.int32(0), jnp.int32(0))
-
-
-def _victim(ids, last_use, freq, inserted, protected, policy: str):
-    """Slot to fill: the lowest empty slot, else the policy's choice among unprotected slots."""
-    empty = ids < 0
-    big = jnp.iinfo(jnp.int32).max
-    if policy == "lru":
-        score = last_use
-    elif policy == "lfu":
-        score = freq * (2 ** 20) + last_use  # frequency first, then recency (clock < 2**20)
-    elif policy == "lifo":
-        score = -inserted
-    else:  # fifo
-        score = inserted
-    score = jnp.where(protected, big, score)
-    return jnp.where(jnp.any(empty), jnp.argmax(empty), jnp.argmin(score)).astype(jnp.int32)
-
-
-@functools.partial(jax.jit, static_argnums=(4, 5), donate_argnums=0)
-def cache_lookup(state: CacheState, host_wi, host_wo, needed: Array, policy: str,
-                 device: SingleDeviceSharding) -> CacheState:
-    """Makes every expert in `needed` [k] (ascending, -1 padded) resident, copying only misses."""
-    t = state.clock + 1
-    valid = needed >= 0
-
-    def plan(carry, e):
-        ids, last_use, freq, inserted = carry
-        present = ids == e
-        hit = jnp.any(present) & (e >= 0)
-        protected = jnp.any(ids[:, None] == jnp.where(valid, needed, -2)[None, :], axis=-1)
-        slot = jnp.where(hit, jnp.argmax(present), _victim(ids, last_use, freq, inserted, protected, policy))
-        miss = (e >= 0) & ~hit
-        upd = lambda a, v: jnp.where(e >= 0, a.at[slot].set(v), a)  # noqa: E731
-        ids = upd(ids, e)
-        last_use = upd(last_use, t)
-        freq = jnp.where(miss, freq.at[slot].set(1), upd(freq, freq[slot] + 1))
-        inserted = jnp.where(miss, inserted.at[slot].set(t), inserted)
-        return (ids, last_use, freq, inserted), (slot, jnp.where(miss, e, -1))
-
-    meta = (state.slots.expert_ids, state.last_use, state.freq, state.inserted)
-    (ids, last_use, freq, inserted), (slots, copies) = jax.lax.scan(plan, meta, needed)
-
-    def copy_one(j, tables):
-        wi, wo = tables
-        new_wi, new_wo = _copy_expert(host_wi, host_wo, copies[j], device)
-        fill = copies[j] >= 0
-        wi = jax.lax.dynamic_update_index_in_dim(wi, jnp.where(fill, new_wi, wi[slots[j]]), slots[j], 0)
-        wo = jax.lax.dynamic_update_index_in_dim(wo, jnp.where(fill, new_wo, wo[slots[j]]), slots[j], 0)
-        return wi, wo
-
-    wi, wo = jax.lax.fori_loop(0, needed.shape[0], copy_one, (state.slots.wi, state.slots.wo))
-    n_miss = jnp.sum(copies >= 0).astype(jnp.int32)
-    return CacheState(ExpertSlots(wi, wo, ids), last_use, freq, inserted, t,
-                      state.hits + jnp.sum(valid).astype(jnp.int32) - n_miss, state.misses + n_miss)
-
-
 needed_experts_jit = jax.jit(needed_experts, static_argnums=1)
-
-
-@jax.jit
-def unused(available: Array) -> Array:
-    """A guess `available` [g] that no block read (see `overlap`) -> [3] int32: (0, 0, its experts)."""
-    return jnp.stack([0, 0, jnp.sum(available >= 0)]).astype(jnp.int32)
 
 
 @jax.jit

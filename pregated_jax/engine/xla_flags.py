@@ -4,8 +4,8 @@ graph, and CUDA modules loaded eagerly.
 XLA records runs of kernels into CUDA graphs ("command buffers"). By default a `while_loop` is not recorded: the
 host evaluates its exit condition after every decode step and launches the next step, and the GPU idles at each
 step boundary. With WHILE and CONDITIONAL command buffers the whole loop, the native expert copies' kernels
-included (they are command-buffer compatible), runs as one graph. On an H100, switch-base-128, batch 1, pregated
-with the first-block guess: 762.1 -> 790.5 decode tokens/s (docs/benchmarks/h100-v9).
+included (they are command-buffer compatible), runs as one graph (docs/design.md, "The decode loop is one CUDA
+graph", has the measurement).
 
 XLA reads XLA_FLAGS when it creates its GPU backend: call `use_command_buffer_loops` before the first JAX
 computation. It leaves alone an XLA_FLAGS that already sets command buffers.
@@ -15,9 +15,8 @@ until the copy worker (a host thread) has enqueued its copies. With CUDA's defau
 launch of a kernel may need a context synchronization ("Lazy Loading", CUDA programming guide: a kernel
 that waits for other work can deadlock with it). A first launch while a done spins, e.g. a computation
 compiled for a new batch shape near the end of a generation, can then stall the worker until the done gives
-up (PREGATED_JAX_DMA_WAIT_TIMEOUT_S). On an H100, two benchmark processes at batch 8 failed this way at the
-end of their first generation of a new shape (docs/benchmarks/h100-v11). CUDA reads CUDA_MODULE_LOADING once,
-when JAX initializes it.
+up (PREGATED_JAX_DMA_WAIT_TIMEOUT_S; docs/design.md, "Eager CUDA module loading with the native copies").
+CUDA reads CUDA_MODULE_LOADING once, when JAX initializes it.
 """
 
 from __future__ import annotations

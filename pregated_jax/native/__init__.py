@@ -214,7 +214,8 @@ def fetch_done(tables: list, ids: jax.Array, token: jax.Array, *after):
 def check_device_wait() -> None:
     """Raises RuntimeError with the first failure the GPU copies recorded since the last check (an expert id
     out of range, or a done that waited over PREGATED_JAX_DMA_WAIT_TIMEOUT_S for its copies), and clears it.
-    Results computed since may be wrong. Cheap; the engine calls it after every generation."""
+    Results computed since may be wrong. Cheap (it reads pinned host memory); the engine calls it before every
+    decode dispatch and after every generation."""
     if "lib" not in _STATE:
         return
     import ctypes

@@ -21,16 +21,16 @@
 // device memory to the request's number. The done's kernel zeroes the rows of slots with id -1 and,
 // unless every id is -1, spins until the counter reaches the token. Everything launched between start
 // and done runs on the SMs while the copy engine moves the bytes, and a start that copies nothing (a
-// correct guess) is not waited for. The copy stream runs transfers only, never a kernel: the first design
-// zeroed empty slots with memsets there and deadlocked on an H100 (docs/benchmarks/h100-v6, h100-v7).
+// correct guess) is not waited for. The copy stream runs transfers only, never a kernel (docs/design.md,
+// "Start and done only launch kernels; the copy stream runs transfers only", says why).
 //
 // Failures (an id out of range; a done that waited over PREGATED_JAX_DMA_WAIT_TIMEOUT_S seconds, default
 // 60, for its copies) are recorded in pinned memory: the next start or done that the host runs reports
-// it, and so does PgjTakeFault (native.check_device_wait, which the engine calls after every
-// generation). A request's copies are enqueued and its counter advanced even when it fails, so nothing
+// it, and so does PgjTakeFault (native.check_device_wait, which the engine calls before every decode
+// dispatch and after every generation). A request's copies are enqueued and its counter advanced even when it fails, so nothing
 // waits forever. PREGATED_JAX_DMA_TRACE=1 prints every request the worker handles to stderr.
 // (Copies that XLA emits itself for a device-side index are kernels reading host memory; they run in
-// series with the computation: docs/benchmarks/h100-copy-overlap.) The CUDA driver is opened with dlopen,
+// series with the computation: docs/design.md.) The CUDA driver is opened with dlopen,
 // so the same library loads on machines without one, where only the CPU handlers are used.
 //
 // On the CPU (host and "device" memory are the same), start copies the rows with memcpy and done is the

@@ -112,10 +112,11 @@ def load_run_config(path: str | Path) -> dict:
     return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir(path) / "config")
 
 
-def load_model(path: str | Path, seed: int = 0) -> SwitchTransformer:
-    """The model of a checkpoint (eval mode), built from its saved SwitchConfig and params."""
+def restore_model(path: str | Path, seed: int = 0, dtype: str | None = None) -> SwitchTransformer:
+    """The model of an Orbax checkpoint of ours (eval mode), built from its saved SwitchConfig (with `dtype`
+    as the compute dtype, if given) and params. `pregated_jax.load_model` reads every kind of checkpoint."""
     cfg = SwitchConfig(**load_run_config(path)["model_config"])
-    return model_from_params(cfg, load_params(path), seed)
+    return model_from_params(cfg if dtype is None else cfg.replace(dtype=dtype), load_params(path), seed)
 
 
 def model_from_params(cfg: SwitchConfig, params: dict, seed: int = 0) -> SwitchTransformer:

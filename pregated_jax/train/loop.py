@@ -34,8 +34,8 @@ from tqdm import tqdm
 
 from pregated_jax.config import SwitchConfig
 from pregated_jax.model import SwitchTransformer, router_loss
-from pregated_jax.train.checkpoints import (CHECKPOINT_SUBDIR, CheckpointStore, load_model, load_run_config,
-                                            model_from_params, step_dir)
+from pregated_jax.train.checkpoints import (CHECKPOINT_SUBDIR, CheckpointStore, load_run_config,
+                                            model_from_params, restore_model, step_dir)
 from pregated_jax.train.config import ModelConfig, OptimizerConfig, TrainConfig
 from pregated_jax.train.inputs import Batch, batches_from, default_batches, host_batch, eval_batches_view
 from pregated_jax.train.optim import make_optimizer
@@ -147,7 +147,7 @@ def _load_init_checkpoint(path: str, seed: int) -> SwitchTransformer:
     """One of our workdirs / step dirs (Orbax), else a local Hugging Face checkpoint directory."""
     p = Path(path)
     if (p / "params").is_dir() or (p / CHECKPOINT_SUBDIR).is_dir():
-        return load_model(p, seed)
+        return restore_model(p, seed)
     from pregated_jax.hf_checkpoint import from_pretrained  # imported only when used
     return from_pretrained(path, seed=seed)
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Usage: bash .gpu/sweep.sh PART   (runs in the background under setsid; progress in /root/results/PART.log)
+# (Flags are spelled as scripts/benchmark.py spells them now; the runs themselves used the dashed spellings of their date.)
 # Each line of the part's plan is "NAME ARGS..." for one benchmark invocation into /root/results/PART/NAME.
 PART=$1
 R=/root/results/$PART; mkdir -p $R
@@ -9,11 +10,11 @@ case $PART in
   m1) PLAN="base8|--repeats 2 --presets switch-base-8
 base64|--repeats 2 --presets switch-base-64
 base256|--repeats 1 --presets switch-base-256 --modes gpu-only on-demand pregated speculative
-base256-prefetch-all|--repeats 1 --presets switch-base-256 --modes prefetch-all --batches 1 --beams 1 --peer-modes
-base128-prefetch-all|--repeats 1 --presets switch-base-128 --modes prefetch-all --batches 1 --beams 1 --peer-modes" ;;
-  m2) PLAN="large128|--repeats 1 --presets switch-large-128 --modes gpu-only on-demand pregated speculative --device-budget-gib 8
-large128-prefetch-all|--repeats 1 --presets switch-large-128 --modes prefetch-all --batches 1 --beams 1 --peer-modes" ;;
-  smoke) PLAN="smoke|--repeats 1 --presets switch-base-8 --modes pregated --batches 1 --beams 1 --peer-modes" ;;
+base256-prefetch-all|--repeats 1 --presets switch-base-256 --modes prefetch-all --batches 1 --beams 1 --peer_modes
+base128-prefetch-all|--repeats 1 --presets switch-base-128 --modes prefetch-all --batches 1 --beams 1 --peer_modes" ;;
+  m2) PLAN="large128|--repeats 1 --presets switch-large-128 --modes gpu-only on-demand pregated speculative --device_budget_gib 8
+large128-prefetch-all|--repeats 1 --presets switch-large-128 --modes prefetch-all --batches 1 --beams 1 --peer_modes" ;;
+  smoke) PLAN="smoke|--repeats 1 --presets switch-base-8 --modes pregated --batches 1 --beams 1 --peer_modes" ;;
 esac
 {
   date; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader

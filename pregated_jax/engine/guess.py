@@ -1,0 +1,79 @@
+"""The first-block guess (`EngineConfig.guess_first_block`): an optional heuristic for decode steps.
+
+No earlier block pre-gates the decoder's first MoE block, so without a guess its experts are copied only
+after its gate, in series with the computation. Decoder routing tends to repeat from token to token
+(Huang et al. 2024), so the engine guesses the experts that block used at the previous step. Each step
+starts copying the next step's guess right behind its stack's last prefetch (`starts_next_at`), so the
+copy engine works on over the step boundary, the embedding and the blocks before the first MoE block.
+Once the block's gate has run, what the guess missed is copied (`StepGuess.at_gate`). Outputs do not
+change; hits count as speculative hits, and guessed experts no token needed as `speculative_wasted`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pregated_jax.engine import fetch as F
+from pregated_jax.engine.sources import Guessed
+
+
+def enabled(setting: bool | None, rows: int) -> bool:
+    """Whether to guess: `setting`, or by default where a decode step routes one row (batch x beams = 1).
+    With more rows the guess copies more experts than the step boundary hides."""
+    return rows == 1 if setting is None else setting
+
+
+def first(queue: F.CopyQueue, method: str, block, k: int) -> F.PendingSlots:
+    """The first decode step's guess: k empty slots (ids -1), as there is no earlier step to repeat."""
+    ids = jax.device_put(np.full((k,), -1, np.int32), queue.device)
+    return queue.start_ids(method, block, ids)[0]
+
+
+def starts_next_at(j: int, num_moe_blocks: int) -> bool:
+    """Whether MoE block j (of the decoder's num_moe_blocks) starts the next step's guess: the one whose
+    next block's prefetch is the stack's last copy."""
+    return j == max(num_moe_blocks - 2, 0)
+
+
+class StepGuess:
+    """One decode step's guesses: the one the previous step started for this step (`incoming`) and the one
+    this step starts for the next (`outgoing`, from the experts the block needed at this step)."""
+
+    def __init__(self, incoming: F.PendingSlots, step, max_len: int):
+        self.incoming, self.step, self.max_len = incoming, step, max_len
+        self.next_ids = None  # [k] the next step's guess, known once the block's gate has run
+        self.outgoing: F.PendingSlots | None = None
+
+    def at_gate(self, queue: F.CopyQueue, method: str, block, decision, k: int):
+        """Starts copying what the incoming guess missed. -> (a `Guessed` source, experts copied)."""
+        missed, copied = queue.start(method, block, decision, k, exclude=self.incoming.slots.expert_ids)
+        self.next_ids = _repeat(decision, k, self.step, self.max_len)
+        return Guessed(self.incoming, missed), copied
+
+    def start_next(self, queue: F.CopyQueue, method: str, block):
+        """Starts copying the next step's guess. -> experts copied."""
+        self.outgoing, copied = queue.start_ids(method, block, self.next_ids)
+        return copied
+
+
+def discard(guess: F.PendingSlots):
+    """A guess started for a step that never ran: waits for its copies. -> its counts, all wasted."""
+    counts = _unused(guess.slots.expert_ids)
+    F.finish_fetch(guess)
+    return counts
+
+
+@functools.partial(jax.jit, static_argnums=(1, 3))
+def _repeat(decision, k: int, step, max_len: int):
+    """The next step's guess: the experts `decision` needed [k], or none (-1) after the last step."""
+    return jnp.where(step + 1 < max_len, F.needed_experts(decision, k), -1)
+
+
+@jax.jit
+def _unused(available):
+    """A guess `available` [g] that no block read -> [3] int32: (0 found, 0 needed, its experts wasted)."""
+    return jnp.stack([0, 0, jnp.sum(available >= 0)]).astype(jnp.int32)
