@@ -97,9 +97,8 @@ PYEOF
 
 main() {
   echo "[test_gpu] $(date -u '+%Y-%m-%d %H:%M:%S UTC') on $(hostname), $(nproc) CPU cores"
-  if git rev-parse --git-dir >/dev/null 2>&1; then
-    echo "[test_gpu] commit $(git rev-parse --short HEAD), $(git status --porcelain | wc -l) changed paths in the tree"
-  fi
+  # the tree under test (a copy sent to a GPU machine may carry no or a stale .git: set TEST_COMMIT there)
+  echo "[test_gpu] commit ${TEST_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
   if command -v nvidia-smi >/dev/null; then
     nvidia-smi -L
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
