@@ -38,10 +38,10 @@ class RunContext:
     def sample_memory(self, device):
         self.stats.sample_memory(device)
 
-    @property
-    def next_guess(self):
-        """The next decode step's first-block guess, started by this pass (None without a guess)."""
-        return None if self.guess is None else self.guess.outgoing
+    def next_guess(self, *after):
+        """The next decode step's first-block guess, started by this pass and waited for after `after` (None
+        without a guess; see `guess.StepGuess.landed`)."""
+        return None if self.guess is None else self.guess.landed(self.queue, *after)
 
     def totals(self):
         """(experts copied, [speculative hits, needed, wasted]) as traced int32 values."""

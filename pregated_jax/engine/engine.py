@@ -168,7 +168,7 @@ class InferenceEngine:
         ctx = RunContext(caches, self.mem.on_device, guess=self._step_guess(guess, search))
         search, kv = self._decode(program, search, kv, cross, cross_bias, ctx, key_positions, num_beams)
         copied, speculation = ctx.totals()
-        return search, kv, ctx.caches, copied, speculation, ctx.next_guess
+        return search, kv, ctx.caches, copied, speculation, ctx.next_guess(search.last)
 
     def _decode(self, program, search, kv, cross, cross_bias, ctx, key_positions, num_beams):
         """One decode step, traced (`_step`) or dispatched block by block (the reference). -> (search, kv).
@@ -263,7 +263,7 @@ class InferenceEngine:
                 ctx = RunContext(self.caches, self.mem.on_device, stats, track_memory=track_memory,
                                  profile_blocks=profile_blocks, guess=self._step_guess(guess, search))
                 search, kv = self._decode(program, search, kv, cross, cross_bias, ctx, key_positions, num_beams)
-                self.caches, guess = ctx.flush_into(stats), ctx.next_guess
+                self.caches, guess = ctx.flush_into(stats), ctx.next_guess(search.last)
             done_before, t = t, t + n
             if progress is not None:
                 progress(t, max_new_tokens)

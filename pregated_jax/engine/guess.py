@@ -4,9 +4,10 @@ No earlier block pre-gates the decoder's first MoE block, so without a guess its
 after its gate, in series with the computation. Decoder routing tends to repeat from token to token
 (Huang et al. 2024), so the engine guesses the experts that block used at the previous step. Each step
 starts copying the next step's guess right behind its stack's last prefetch (`starts_next_at`), so the
-copy engine works on over the step boundary, the embedding and the blocks before the first MoE block.
-Once the block's gate has run, what the guess missed is copied (`StepGuess.at_gate`). Outputs do not
-change; hits count as speculative hits, and guessed experts no token needed as `speculative_wasted`.
+copy overlaps the stack's last blocks and the logits, and waits for it at the step's end
+(`StepGuess.landed`): a table still in flight never leaves the step (see `landed`). Once the block's gate
+has run, what the guess missed is copied (`StepGuess.at_gate`). Outputs do not change; hits count as
+speculative hits, and guessed experts no token needed as `speculative_wasted`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def enabled(setting: bool | None, rows: int) -> bool:
 def first(queue: F.CopyQueue, method: str, block, k: int) -> F.PendingSlots:
     """The first decode step's guess: k empty slots (ids -1), as there is no earlier step to repeat."""
     ids = jax.device_put(np.full((k,), -1, np.int32), queue.device)
-    return queue.start_ids(method, block, ids)[0]
+    return F.PendingSlots(queue.finish(queue.start_ids(method, block, ids)[0]))
 
 
 def starts_next_at(j: int, num_moe_blocks: int) -> bool:
@@ -58,6 +59,18 @@ class StepGuess:
         """Starts copying the next step's guess. -> experts copied."""
         self.outgoing, copied = queue.start_ids(method, block, self.next_ids)
         return copied
+
+    def landed(self, queue: F.CopyQueue, *after) -> F.PendingSlots | None:
+        """The next step's guess once its copies have landed (after `after`, the step's last values), or None.
+
+        The native copies write a table behind XLA's back, and XLA copies values that cross a loop iteration
+        or a dispatch (a while loop's carry, a donated argument aliased to an output) where it likes: a copy
+        of a table still in flight would read it before its transfers land. So the guess crosses the step
+        boundary as a finished table.
+        """
+        if self.outgoing is None:
+            return None
+        return F.PendingSlots(queue.finish(self.outgoing, *after))
 
 
 def discard(guess: F.PendingSlots):
