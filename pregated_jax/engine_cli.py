@@ -29,7 +29,6 @@ from pregated_jax.engine.fetch import COPY_METHODS
 
 GIB = 2**30
 ON_OFF = {"on": True, "off": False}
-AUTO_ON_OFF = {"auto": None, **ON_OFF}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,8 +66,7 @@ FLAGS: dict[str, Flag] = {
     "stop_when_finished": Flag("end decoding once every row has emitted EOS (off: run every step up to the "
                                "token limit)", ON_OFF),
     "guess_first_block": Flag("pregated/speculative: start copying the experts the decoder's first MoE block used "
-                              "at the previous step before its gate runs (same tokens; auto: on where a decode "
-                              "step routes one row, batch x beams = 1)", AUTO_ON_OFF),
+                              "at the previous step before its gate runs (same tokens)", ON_OFF),
     "prefill_routed_only": Flag("calls that need most experts of a block (prefill) copy only the routed experts "
                                 "(on) or whole blocks (off)", ON_OFF),
     "copy_method": Flag("how routed experts are copied: dma (native copy-engine transfers that overlap "
@@ -86,7 +84,7 @@ def flag_name(field: str) -> str:
 
 
 def flag_text(field: str, value: Any) -> str:
-    """An `EngineConfig` field's value as its flag writes it: 'auto' for guess_first_block=None, GiB for the budget."""
+    """An `EngineConfig` field's value as its flag writes it: 'on' for True, GiB for the budget."""
     flag = FLAGS[field]
     words = [word for word, v in (flag.choices or {}).items() if v is value or v == value]
     if words:

@@ -509,12 +509,14 @@ def test_rows_finishing_at_different_steps_match_the_reference():
             assert res.stats.steps == max(ends), (ends, res.stats.steps)
 
 
-@pytest.mark.parametrize("setting, rows, guesses", [(None, 1, True), (None, 3, False), (True, 3, True),
-                                                     (False, 1, False)])
-def test_first_block_guess_default_is_on_for_a_single_row(setting, rows, guesses):
-    """guess_first_block=None guesses where a decode step routes one row (batch x beams = 1)."""
+@pytest.mark.parametrize("setting, rows, guesses", [({}, 1, False), (dict(guess_first_block=True), 1, True),
+                                                     (dict(guess_first_block=True), 3, True),
+                                                     (dict(guess_first_block=True, cache_policy="lru", cache_experts=4),
+                                                      1, False)])
+def test_first_block_guess_is_off_by_default_and_without_a_cache(setting, rows, guesses):
+    """The engine guesses only when asked to, at any number of rows, and never with a device cache."""
     cfg = get_preset("tiny", routing="pregated", num_experts=8, expert_capacity=6)
-    engine = InferenceEngine(SwitchTransformer(cfg, rngs=nnx.Rngs(0)), mode="pregated", guess_first_block=setting)
+    engine = InferenceEngine(SwitchTransformer(cfg, rngs=nnx.Rngs(0)), mode="pregated", **setting)
     guess = engine._first_guess(rows)
     assert (guess is not None) == guesses
     if guesses:  # the first step has no earlier step to repeat: nothing to copy

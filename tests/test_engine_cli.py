@@ -48,10 +48,11 @@ def test_flags_to_config_to_json_and_back():
 
 def test_words_and_units():
     p = _parser()
-    for word, value in (("auto", None), ("on", True), ("off", False)):
+    for word, value in (("on", True), ("off", False)):
         assert p.parse_args(["--guess_first_block", word]).guess_first_block is value
     assert p.parse_args(["--device_budget_gib", "0.25"]).device_budget_bytes == GIB // 4
-    assert flag_text("guess_first_block", None) == "auto" and flag_text("device_budget_bytes", GIB) == "1"
+    assert p.parse_args(["--copy_method", "auto"]).copy_method == "auto"
+    assert flag_text("guess_first_block", True) == "on" and flag_text("device_budget_bytes", GIB) == "1"
     with pytest.raises(SystemExit):
         p.parse_args(["--guess_first_block", "maybe"])
     with pytest.raises(SystemExit):

@@ -33,8 +33,8 @@ class EngineConfig:
       every step up to max_new_tokens (benchmarks: the same work on every run; finished rows append padding).
     guess_first_block: in decode steps of modes pregated and speculative without a cache, guess the experts
       of the decoder's first MoE block, which no earlier block pre-gates: the ones it used at the previous
-      step (`pregated_jax.engine.guess`). Outputs do not change. None (default): on where a decode step
-      routes one row (batch x beams = 1); with more rows the guess copies more than the step boundary hides.
+      step (`pregated_jax.engine.guess`). Outputs do not change. Off by default: the guess's copy must land
+      within the step that starts it, and there it costs more than it saves (docs/design.md).
     prefill_routed_only: calls that need most experts of a block (prefill) copy only the routed ones
       (default), or, if False, whole blocks as contiguous ranges (fewer, larger copies, more bytes).
       Budgeted calls without a cache always stream whole blocks in chunks.
@@ -54,7 +54,7 @@ class EngineConfig:
     check_every: int = 8
     decode_steps_per_call: int = 64
     stop_when_finished: bool = True
-    guess_first_block: bool | None = None
+    guess_first_block: bool = False
     prefill_routed_only: bool = True
     copy_method: str = "auto"
 

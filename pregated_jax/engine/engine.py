@@ -295,7 +295,7 @@ class InferenceEngine:
         a step that needs most experts anyway, or a decoder without MoE blocks."""
         k = min(self.num_experts, rows)
         dec = self.program.decoder
-        if (not G.enabled(self.config.guess_first_block, rows) or self.config.mode not in ("pregated", "speculative")
+        if (not self.config.guess_first_block or self.config.mode not in ("pregated", "speculative")
                 or self.cache_slots is not None or 2 * k >= self.num_experts or not dec.moe_blocks):
             return None
         return G.first(F.CopyQueue(self.mem.on_device), self.copy_method, dec.blocks[dec.moe_blocks[0]], k)

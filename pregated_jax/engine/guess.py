@@ -22,12 +22,6 @@ from pregated_jax.engine import fetch as F
 from pregated_jax.engine.sources import Guessed
 
 
-def enabled(setting: bool | None, rows: int) -> bool:
-    """Whether to guess: `setting`, or by default where a decode step routes one row (batch x beams = 1).
-    With more rows the guess copies more experts than the step boundary hides."""
-    return rows == 1 if setting is None else setting
-
-
 def first(queue: F.CopyQueue, method: str, block, k: int) -> F.PendingSlots:
     """The first decode step's guess: k empty slots (ids -1), as there is no earlier step to repeat."""
     ids = jax.device_put(np.full((k,), -1, np.int32), queue.device)
