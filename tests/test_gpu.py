@@ -99,8 +99,11 @@ def test_every_mode_gives_gpu_only_tokens(models, references, routing, mode, cop
     if mode == "speculative" and not cache:  # predictions made; the mispredicted experts fetched after the gate
         needed, hits = (sum(getattr(s, f) or 0 for s in stats) for f in ("speculative_needed", "speculative_hits"))
         assert needed > hits >= 0, (needed, hits)
-    if mode == "pregated" and not cache:  # the first decoder MoE block's experts were guessed
-        assert all(res.stats.speculative_needed > 0 for res in results.values())
+    if mode == "pregated" and not cache:  # the first decoder MoE block's experts were guessed, except where a
+        # step routes half the experts or more (then it copies the routed ones after the gate)
+        for (batch, beams), res in results.items():
+            guessed = 2 * batch * beams < E
+            assert (res.stats.speculative_needed is not None) == guessed, (batch, beams)
 
 
 @pytest.mark.parametrize("routing,mode,want", [
