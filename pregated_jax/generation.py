@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pregated_jax.model import SwitchTransformer
+from pregated_jax.model import SwitchTransformer, check_token_ids
 
 Array = jax.Array
 
@@ -50,6 +50,7 @@ def generate(model: SwitchTransformer, input_ids, attention_mask=None, max_new_t
     """Greedy decoding. input_ids [B, S] -> new tokens [B, max_new_tokens] (no start token), padded
     with `pad_token_id` after EOS. Puts the model in eval mode (no dropout, no router jitter)."""
     model.eval()
+    check_token_ids(input_ids, model.config.vocab_size)
     input_ids = jnp.asarray(input_ids, jnp.int32)
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")

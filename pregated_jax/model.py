@@ -13,6 +13,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx, struct
 
 from pregated_jax.config import SwitchConfig
@@ -203,6 +204,23 @@ class Stack(nnx.Module):
         return self.dropout(self.final_norm(x)), decisions, (None if caches is None else new_caches)
 
 
+def check_token_ids(ids, vocab_size: int, name: str = "input_ids") -> None:
+    """Raises ValueError unless `ids` are integers in [0, vocab_size): the embedding lookup would clamp or
+    wrap any other id without an error. Checked on the host before dispatch; tracers (inside jit or grad,
+    as in training) are not checked."""
+    if isinstance(ids, jax.core.Tracer):
+        return
+    ids = np.asarray(ids)
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"{name} must be integer token ids, got dtype {ids.dtype}")
+    bad = (ids < 0) | (ids >= vocab_size)
+    if bad.any():
+        pos = tuple(int(i) for i in np.argwhere(bad)[0])
+        where = f"row {pos[0]}, column {pos[1]}" if len(pos) == 2 else f"index {pos}"
+        raise ValueError(f"{name} has id {ids[pos]} at {where}, outside the vocabulary: ids must be in "
+                         f"[0, {vocab_size}) (vocab_size {vocab_size}); {int(bad.sum())} id(s) out of range")
+
+
 class SwitchTransformer(nnx.Module):
     """`model(input_ids, decoder_input_ids, attention_mask, decoder_attention_mask)` -> logits [B, T, V]."""
 
@@ -255,6 +273,8 @@ class SwitchTransformer(nnx.Module):
 
     def __call__(self, input_ids: Array, decoder_input_ids: Array, attention_mask: Array | None = None,
                  decoder_attention_mask: Array | None = None, *, return_aux: bool = False):
+        check_token_ids(input_ids, self.config.vocab_size)
+        check_token_ids(decoder_input_ids, self.config.vocab_size, "decoder_input_ids")
         enc, enc_decisions = self.encode(input_ids, attention_mask)
         dec, dec_decisions = self.decode(decoder_input_ids, enc, attention_mask, decoder_attention_mask)
         logits = self.logits(dec)

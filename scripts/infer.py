@@ -7,7 +7,8 @@
     echo "summarize: ..." | python scripts/infer.py --checkpoint ...
 
 Inputs come from --text (repeatable), --file (one per line), or standard input; with none of these, a few
-held-out Debian package descriptions. Prints each output, then the run statistics (prefill latency,
+held-out Debian package descriptions. Blank input (a whitespace --text, or a file or standard input with no
+non-blank line) is an error, exit code 2. Prints each output, then the run statistics (prefill latency,
 tokens/s, per-MoE-block latency with --profile, bytes moved host->device, GB/s, peak device memory,
 cache and speculative hit rates). Every `EngineConfig` field has a flag of its name (see --help;
 `device_budget_bytes` is given in GiB as --device_budget_gib).
@@ -45,19 +46,34 @@ def parse_args(argv=None):
 
 
 def read_inputs(args) -> list[str]:
+    """The user's inputs; the demo inputs only where none was given. Blank input is an error (exit 2)."""
+    for i, text in enumerate(args.text, 1):
+        if not text.strip():
+            _usage_error(f"--text number {i} is empty or only whitespace: nothing to generate from")
     texts = list(args.text)
     if args.file:
         path = Path(args.file)
         if not path.exists():
-            raise SystemExit(f"error: --file {path} does not exist")
-        texts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not texts and not sys.stdin.isatty() and not args.text and not args.file:
-        texts = [line.strip() for line in sys.stdin if line.strip()]
+            _usage_error(f"--file {path} does not exist")
+        lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not lines:
+            _usage_error(f"--file {path} has no non-blank line: nothing to generate from")
+        texts += lines
+    if not args.text and not args.file and not sys.stdin.isatty():
+        data = sys.stdin.read()
+        texts = [line.strip() for line in data.splitlines() if line.strip()]
+        if data and not texts:  # empty standard input (e.g. /dev/null) still means "no input given"
+            _usage_error("standard input has no non-blank line: nothing to generate from")
     if not texts:  # demo inputs: held-out Debian descriptions
         from pregated_jax.data import debian_source
 
         texts = [ex["inputs"] for _, ex in zip(range(4), debian_source("validation"))]
     return texts
+
+
+def _usage_error(message: str):
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def main(argv=None):

@@ -1,6 +1,7 @@
 """The offload engine: every mode generates exactly the reference tokens, with no implicit transfer."""
 
 import re
+import threading
 import warnings
 
 import jax
@@ -560,3 +561,65 @@ def test_a_lost_native_copy_stops_the_generation_at_the_next_dispatch(monkeypatc
     with pytest.raises(RuntimeError, match="waited over"):
         engine.generate(IDS[:1], MASK[:1], max_new_tokens=9)
     assert len(dispatches) == 2
+
+
+@pytest.fixture(scope="module")
+def tiny_pregated():
+    cfg = get_preset("tiny", routing="pregated", num_experts=8, expert_capacity=6)
+    m = SwitchTransformer(cfg, rngs=nnx.Rngs(0))
+    m.eval()
+    return m
+
+
+@pytest.mark.parametrize("mode", ["pregated", "on-demand"])
+@pytest.mark.parametrize("cache", [None, "lru"])
+def test_concurrent_calls_equal_sequential_ones_and_leave_the_engine_working(tiny_pregated, mode, cache):
+    """Threads calling one engine's `generate` at once get what sequential calls get, and a later call still
+    works: a call donates the engine's cache states to its decode steps, so calls run one at a time."""
+    engine = InferenceEngine(tiny_pregated, mode=mode, **({} if cache is None else
+                                                          {"cache_policy": cache, "cache_experts": 4}))
+    inputs = [np.random.default_rng(i).integers(2, 128, IDS.shape) for i in range(4)]
+    expected = [engine.generate(x, MASK, max_new_tokens=4).tokens for x in inputs]
+    start, results = threading.Barrier(len(inputs)), [None] * len(inputs)
+
+    def call(i):
+        start.wait()
+        try:
+            results[i] = engine.generate(inputs[i], MASK, max_new_tokens=4).tokens
+        except Exception as e:  # noqa: BLE001 -- reported below, per thread
+            results[i] = e
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, (got, want) in enumerate(zip(results, expected)):
+        assert not isinstance(got, Exception), f"thread {i}: {got!r}"
+        np.testing.assert_array_equal(got, want, err_msg=f"thread {i}")
+    np.testing.assert_array_equal(engine.generate(inputs[0], MASK, max_new_tokens=4).tokens, expected[0])
+
+
+def test_token_ids_outside_the_vocabulary_are_rejected_with_their_position(tiny_pregated):
+    """model(...), generate and engine.generate check ids on the host (the embedding lookup would clamp or
+    wrap them); inside jit, as in training, ids are tracers and go unchecked."""
+    model, v = tiny_pregated, tiny_pregated.config.vocab_size
+    engine = InferenceEngine(model, mode="pregated")
+    dec = np.zeros((IDS.shape[0], 2), np.int32)
+    calls = {"model": lambda ids: model(ids, dec), "generate": lambda ids: generate(model, ids, max_new_tokens=2),
+             "engine.generate": lambda ids: engine.generate(ids, max_new_tokens=2)}
+    for call in calls.values():
+        for value in (v, -1, 2 ** 40):
+            ids = IDS.astype(np.int64)
+            ids[1, 4] = value
+            with pytest.raises(ValueError, match=rf"input_ids has id {value} at row 1, column 4, outside the "
+                                                 rf"vocabulary.*\[0, {v}\)"):
+                call(ids)
+        with pytest.raises(ValueError, match="input_ids must be integer token ids, got dtype float32"):
+            call(IDS.astype(np.float32))
+    bad = dec.copy()
+    bad[2, 1] = v
+    with pytest.raises(ValueError, match=rf"decoder_input_ids has id {v} at row 2, column 1"):
+        model(IDS, bad)
+    jitted = nnx.jit(lambda m, ids, d: m(ids, d))(model, IDS, dec)
+    np.testing.assert_allclose(jitted, model(IDS, dec), rtol=1e-5, atol=1e-5)

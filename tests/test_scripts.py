@@ -59,6 +59,22 @@ def test_infer_rejects_missing_file(t5_vocab_model):
     assert proc.returncode != 0 and "/nonexistent/inputs.txt" in (proc.stderr + proc.stdout)
 
 
+@pytest.mark.parametrize("source", ["file", "text", "stdin"])
+def test_infer_rejects_blank_input_instead_of_running_the_demo(t5_vocab_model, tmp_path, source):
+    """Blank input given by the user is an error (exit 2) naming where it came from; the demo inputs are
+    only for no input at all."""
+    blank, out = tmp_path / "blank.txt", tmp_path / "out.json"
+    blank.write_text("\n   \n\t\n")
+    given = {"file": ["--file", str(blank)], "text": ["--text", "  "], "stdin": []}[source]
+    stdin = {"input": " \n\n"} if source == "stdin" else {"stdin": subprocess.DEVNULL}
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "infer.py"), "--checkpoint", str(t5_vocab_model),
+                           *given, "--max_new_tokens", "2", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, **stdin)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    named = {"file": str(blank), "text": "--text number 1", "stdin": "standard input"}[source]
+    assert "nothing to generate from" in proc.stderr and named in proc.stderr and not out.exists()
+
+
 def test_load_model_names_a_missing_path():
     with pytest.raises(FileNotFoundError, match="does_not_exist"):
         load_model("/tmp/does_not_exist")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import threading
 import warnings
 
 import jax
@@ -30,9 +31,21 @@ from pregated_jax.engine.search import all_finished, beam_step, best_sequences, 
 from pregated_jax.engine.stack_pass import StackPass
 from pregated_jax.engine.stats import RunStats, Stopwatch
 from pregated_jax.layers import key_padding, visibility_bias
-from pregated_jax.model import KVCache, SwitchTransformer
+from pregated_jax.model import KVCache, SwitchTransformer, check_token_ids
 
 __all__ = ["MODES", "EngineConfig", "GenerationResult", "InferenceEngine"]
+
+
+def _one_call_at_a_time(method):
+    """Runs `method` under the engine's lock: a call donates the cache states (`caches`) to its decode steps
+    and replaces them with the results, so concurrent calls would pass each other's deleted buffers."""
+
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked
 
 
 @dataclasses.dataclass
@@ -77,6 +90,7 @@ class InferenceEngine:
                                   and self.cache_slots is None)
         self.schedule = schedule.for_mode(config.mode)
         self.caches: dict = {}  # (stack, block) -> CacheState, kept across decode steps and requests
+        self._lock = threading.Lock()  # one `generate` at a time: it donates and replaces `caches`
         if self.cache_slots is not None:
             for sp in (self.program.encoder, self.program.decoder):
                 for i in sp.moe_blocks:
@@ -186,6 +200,7 @@ class InferenceEngine:
         search, origin = beam_step(search, logits, cfg.pad_token_id, cfg.eos_token_id)
         return search, reorder(kv, origin)
 
+    @_one_call_at_a_time
     def generate(self, input_ids, attention_mask=None, *, max_new_tokens: int = 32, num_beams: int = 1,
                  length_penalty: float = 1.0, progress=None, track_memory: bool = False,
                  profile_blocks: bool = False, fused: bool = True) -> GenerationResult:
@@ -195,12 +210,13 @@ class InferenceEngine:
         dispatches every block separately (the reference path, and what `profile_blocks` uses).
         progress(step, total) is called after every dispatch. For measurements only: `track_memory` samples
         device bytes-in-use after every dispatch; `profile_blocks` synchronizes around every MoE block to time
-        it (removing the overlap it measures).
+        it (removing the overlap it measures). Calls from several threads run one at a time.
         """
         cfg, put = self.model_config, lambda a: jax.device_put(np.asarray(a, np.int32), self.mem.on_device)
         input_ids = np.asarray(input_ids)
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
+        check_token_ids(input_ids, cfg.vocab_size)
         mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
         if mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {input_ids.shape}")
