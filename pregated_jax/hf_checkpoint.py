@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from pregated_jax.config import SwitchConfig
-from pregated_jax.model import SwitchTransformer, abstract_model, materialize, routing_roles
+from pregated_jax.model import SwitchTransformer, abstract_model, materialize, require_finite, routing_roles
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 TORCH_BIN, TORCH_BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
@@ -214,7 +214,10 @@ class _Tensors:
         return self.files[name].shape(name)
 
     def get(self, name: str) -> np.ndarray:
-        return self.files[name].get(name)
+        """The tensor `name`; a CheckpointError naming it and its file if it holds a NaN or infinity."""
+        value = self.files[name].get(name)
+        require_finite([(name, value)], str(self.where(name)), CheckpointError)
+        return value
 
 
 def _listing(names: Iterable[str], limit: int = 8) -> str:

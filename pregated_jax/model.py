@@ -347,3 +347,19 @@ def materialize(model: SwitchTransformer, params: dict[tuple, Array], seed: int 
     nnx.update(model, nnx.from_flat_state(out))
     model.eval()
     return model
+
+
+def require_finite(tensors, where: str, error: type[Exception] = ValueError) -> None:
+    """Raises `error` (a ValueError by default) naming the first floating tensor that holds a NaN or an
+    infinity, how many of its values do, and `where` (the file or checkpoint it was read from).
+
+    tensors: (name, array) pairs or a {name: array} mapping; numpy or jax arrays (checked where they live,
+    with one host transfer of a flag per tensor). Non-float tensors are skipped."""
+    items = list(tensors.items() if isinstance(tensors, dict) else tensors)
+    floats = [(n, x) for n, x in items if jnp.issubdtype(x.dtype, jnp.inexact)]
+    flags = [np.isfinite(x).all() if isinstance(x, np.ndarray) else jnp.isfinite(x).all() for _, x in floats]
+    for (name, x), ok in zip(floats, jax.device_get(flags)):
+        if not ok:
+            bad = int(np.count_nonzero(~np.isfinite(np.asarray(x, np.float32))))
+            raise error(f"{where}: tensor {name!r} holds {bad} non-finite value(s) (NaN or infinity) "
+                        f"of {int(np.size(x))}; refusing to load it")

@@ -10,11 +10,14 @@ import importlib.util
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
@@ -283,3 +286,79 @@ def test_init_from_hugging_face_dir_with_conversion(tmp_path):
     assert model.config == BASE.model_config().replace(routing="pregated")
     np.testing.assert_array_equal(model.decoder.blocks[0].pregate.classifier[...],
                                   source.decoder.blocks[1].router.classifier[...])
+
+
+def _all_finite(tree) -> bool:
+    return all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(tree)
+               if np.issubdtype(np.asarray(x).dtype, np.inexact))
+
+
+def test_diverging_run_never_saves_a_non_finite_state(tmp_path):
+    """A huge learning rate: an early loss is still finite while the gradients or updated params are not.
+    The run stops naming that step before saving it; every checkpoint left is finite and a rerun resumes
+    from the last of them (and stops at the same step)."""
+    cfg = small(BASE, num_steps=6, checkpoint_every=1, log_every=1).replace(
+        optimizer=OptimizerConfig(learning_rate=1e6))
+    with pytest.raises(FloatingPointError, match=r"non-finite .* at step (\d+)") as err:
+        run(cfg, tmp_path, batches=lambda step: random_batch(step))
+    bad = int(re.search(r"at step (\d+)", str(err.value)).group(1))
+    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir())
+    assert bad > 1 and saved == list(range(1, bad)), (saved, str(err.value))
+    for step in saved:
+        assert _all_finite(ocp.StandardCheckpointer().restore(tmp_path / "checkpoints" / str(step) / "state"))
+    resumed = []
+    with pytest.raises(FloatingPointError, match=rf"at step {bad}\b"):
+        run(cfg, tmp_path, batches=lambda step: random_batch(step),
+            step_callback=lambda step, _: resumed.append(step))
+    assert resumed == list(range(saved[-1] + 1, bad))  # from the last good checkpoint up to the bad step
+    assert _all_finite(nnx.to_pure_dict(nnx.state(restore_model(tmp_path), nnx.Param)))
+
+
+def _nan_params_checkpoint(workdir: Path) -> None:
+    """An Orbax checkpoint of ours (step 1) whose params have NaN in one expert weight."""
+    from pregated_jax.train.checkpoints import CheckpointStore
+    params = nnx.to_pure_dict(nnx.state(build_model(BASE), nnx.Param))
+    params = jax.tree.map(np.array, params)  # writable copies
+    params["encoder"]["blocks"][1]["experts"]["wi"][0, 0, 0] = np.nan
+    store = CheckpointStore(workdir / "checkpoints", keep=2, async_save=False)
+    store.save(1, {"step": np.int32(1), "params": params, "opt_state": {}, "rngs": {}},
+               {"model_config": dataclasses.asdict(BASE.model_config()), "train_config": BASE.to_dict()})
+    store.wait()
+    store.close()
+
+
+def test_orbax_checkpoint_with_nan_is_refused_naming_the_param(tmp_path):
+    _nan_params_checkpoint(tmp_path)
+    match = r"checkpoint .*checkpoints/1.*tensor 'encoder\.blocks\.1\.experts\.wi' holds 1 non-finite"
+    with pytest.raises(ValueError, match=match):
+        restore_model(tmp_path)
+    from pregated_jax import load_model
+    with pytest.raises(ValueError, match=match):
+        load_model(tmp_path)
+
+
+def test_safetensors_with_nan_is_refused_naming_the_tensor(tmp_path):
+    hf = pytest.importorskip("pregated_jax.hf_checkpoint")
+    from safetensors.numpy import load_file, save_file
+    from pregated_jax import load_model
+    hf.save_pretrained(build_model(BASE), tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    name = next(n for n in sorted(tensors) if "expert_" in n)
+    tensors[name] = tensors[name].copy()
+    tensors[name].flat[3] = np.inf
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=rf"model\.safetensors: tensor '{re.escape(name)}' holds 1 non-finite"):
+        load_model(tmp_path)
+
+
+def test_safetensors_with_overwritten_bytes_is_refused(tmp_path):
+    """The tensor bytes of a safetensors file overwritten with 0xFF (same size, intact header) are NaN."""
+    hf = pytest.importorskip("pregated_jax.hf_checkpoint")
+    from pregated_jax import load_model
+    hf.save_pretrained(build_model(BASE), tmp_path)
+    file = tmp_path / "model.safetensors"
+    raw = file.read_bytes()
+    start = 8 + int.from_bytes(raw[:8], "little")
+    file.write_bytes(raw[:start] + b"\xff" * (len(raw) - start))
+    with pytest.raises(ValueError, match=r"model\.safetensors: tensor '[^']+' holds \d+ non-finite"):
+        load_model(tmp_path)

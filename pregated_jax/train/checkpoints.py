@@ -20,7 +20,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from pregated_jax.config import SwitchConfig
-from pregated_jax.model import SwitchTransformer, abstract_model, materialize
+from pregated_jax.model import SwitchTransformer, abstract_model, materialize, require_finite
 
 CHECKPOINT_SUBDIR = "checkpoints"
 
@@ -53,12 +53,16 @@ class CheckpointStore:
     def restore(self, step: int, target: dict) -> dict:
         """The state saved at `step`, restored into the structure, shapes and dtypes of `target`.
 
-        Fails with a ValueError naming every param whose path or shape differs from `target['params']`.
+        Fails with a ValueError naming every param whose path or shape differs from `target['params']`,
+        or the first param / optimizer state array that holds a NaN or an infinity.
         """
         saved = self.manager.item_metadata(step)["params"]
         check_params_fit(getattr(saved, "tree", saved), target["params"], f"{self.directory / str(step)}")
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-        return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+        state = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+        require_finite(flat_leaves({"params": state["params"], "opt_state": state["opt_state"]}),
+                       f"checkpoint {self.directory / str(step)}")
+        return state
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -75,6 +79,13 @@ def flat_shapes(tree: Any, prefix: tuple = ()) -> dict[str, tuple]:
             out.update(flat_shapes(v, prefix + (str(k),)))
         return out
     return {".".join(prefix): tuple(tree.shape)}
+
+
+def flat_leaves(tree: Any) -> list[tuple[str, Any]]:
+    """[(path, array)] of a pytree, paths dotted like `flat_shapes` ("params.encoder.blocks.1.experts.wi")."""
+    def name(path) -> str:
+        return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+    return [(name(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0] if hasattr(x, "dtype")]
 
 
 def check_params_fit(saved: Any, target: Any, where: str) -> None:
@@ -103,8 +114,13 @@ def step_dir(path: str | Path) -> Path:
 
 
 def load_params(path: str | Path) -> dict:
-    """Params-only restore -> nested dict of arrays (str keys, e.g. params['encoder']['blocks']['1'])."""
-    return ocp.StandardCheckpointer().restore(step_dir(path) / "params")
+    """Params-only restore -> nested dict of arrays (str keys, e.g. params['encoder']['blocks']['1']).
+
+    Raises ValueError naming the param and the checkpoint if one holds a NaN or an infinity."""
+    where = step_dir(path) / "params"
+    params = ocp.StandardCheckpointer().restore(where)
+    require_finite(flat_leaves(params), f"checkpoint {where}")
+    return params
 
 
 def load_run_config(path: str | Path) -> dict:

@@ -110,7 +110,13 @@ def make_train_step(graphdef, cfg: SwitchConfig, tx: optax.GradientTransformatio
         (_, (metrics, new_rngs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics.update(grad_norm=optax.global_norm(grads), learning_rate=schedule(state.step))
+        grad_norm = optax.global_norm(grads)
+        # One flag for the whole new state, so the loop can refuse to save or continue from a diverged one
+        # (a finite loss can come with NaN gradients, and those with NaN params) at no extra host sync.
+        floats = [x for x in jax.tree.leaves((params, opt_state)) if jnp.issubdtype(x.dtype, jnp.inexact)]
+        finite = jnp.all(jnp.stack([jnp.isfinite(metrics["loss"]), jnp.isfinite(grad_norm)]
+                                   + [jnp.isfinite(x).all() for x in floats]))
+        metrics.update(grad_norm=grad_norm, learning_rate=schedule(state.step), finite=finite)
         return TrainState(state.step + 1, params, opt_state, codec.encode(new_rngs)), metrics
 
     return jax.jit(train_step, donate_argnums=0)
@@ -238,13 +244,32 @@ class _TensorBoardScalars:
         self.writer.close()
 
 
-def _host_window(pending: list[dict], last_step: int) -> dict:
-    """Fetches a window of per-step metrics, fails on the first non-finite loss, returns the means."""
+def _first_non_finite(state: TrainState) -> str | None:
+    """The path of the first params / optimizer state array holding a NaN or infinity (host check)."""
+    tree = {"params": state.params, "opt_state": state.opt_state}
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if jnp.issubdtype(x.dtype, jnp.inexact) and not bool(jnp.isfinite(x).all()):
+            return jax.tree_util.keystr(path)
+    return None
+
+
+def _host_window(pending: list[dict], last_step: int, state: TrainState) -> dict:
+    """Fetches a window of per-step metrics and returns their means; raises FloatingPointError naming the
+    first step whose loss, gradient norm or updated params / optimizer state is non-finite. `state` is the
+    state after `last_step`; it is searched for the offending array when that step is the first bad one."""
     window = jax.device_get(pending)
     first = last_step - len(window) + 1
     for i, m in enumerate(window):
+        step = first + i
         if not math.isfinite(float(m["loss"])):
-            raise FloatingPointError(f"non-finite loss at step {first + i}: {float(m['loss'])}")
+            raise FloatingPointError(f"non-finite loss at step {step}: {float(m['loss'])}")
+        if not math.isfinite(float(m["grad_norm"])):
+            raise FloatingPointError(f"non-finite gradient norm at step {step}: {float(m['grad_norm'])} "
+                                     f"(loss {float(m['loss']):.4g}); its state is not saved")
+        if not bool(m["finite"]):
+            where = _first_non_finite(state) if step == last_step else None
+            raise FloatingPointError(f"non-finite updated params or optimizer state at step {step}"
+                                     + (f" (first: {where})" if where else "") + "; its state is not saved")
     keys = ("loss", "cross_entropy", "router_loss", "accuracy", "grad_norm", "learning_rate")
     return {f"train/{k}": float(np.mean([m[k] for m in window])) for k in keys}
 
@@ -332,7 +357,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path, train_batches=N
             save_now = done % t.checkpoint_every == 0 or done == t.num_steps
             log_now = done % t.log_every == 0 or save_now or step_callback is not None
             if log_now:
-                final.update(_host_window(pending, done), step=done)  # raises on a non-finite loss
+                # Raises on a non-finite loss, gradient norm or new state, before that state can be saved.
+                final.update(_host_window(pending, done, state), step=done)
                 pending = []
                 seconds = time.perf_counter() - window_start  # the host sync above ends the window
                 final["train/steps_per_s"] = (done - window_first) / seconds
