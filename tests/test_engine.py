@@ -72,6 +72,7 @@ def test_bounded_prefill_stream_equals_reference(model):
     np.testing.assert_array_equal(res.tokens, ref)
 
 
+@pytest.mark.slow
 def test_beam_search_same_in_every_mode_and_matches_naive(model):
     ref = naive_beams(model)
     for mode in modes_for(model):
@@ -183,6 +184,7 @@ COPY_COUNTERS = ("experts_copied", "prefill_experts_copied", "speculative_hits",
                  "speculative_wasted")
 
 
+@pytest.mark.slow
 def test_dma_copies_generate_the_reference_with_the_same_statistics(model):
     """copy_method="dma" (the native custom calls) in every mode: the reference tokens, greedy and beam
     search, and the same copy and speculation counters as XLA's copies."""
@@ -276,6 +278,7 @@ def test_dma_next_step_guess_queues_behind_the_last_prefetch(routing):
     assert waits_for[-1] == next_guess, waits_for
 
 
+@pytest.mark.slow
 def test_first_block_guess_statistics_match_a_replay_of_the_routing():
     """Pre-gated model, batch 3, greedy: the guess for step t is the first decoder MoE block's experts of step
     t-1. Hits, needed and wasted against a replay of that block's routing, taken from the plain model's
@@ -360,6 +363,7 @@ def test_copy_method_is_checked_and_resolved(model):
 
 
 @pytest.mark.parametrize("num_beams,cache", [(1, None), (2, None), (1, "lru")])
+@pytest.mark.slow
 def test_several_decode_steps_per_call_change_nothing(model, num_beams, cache):
     """A fori_loop of 3 steps per dispatch (7 tokens: 3 + 3 + 1) against one step per dispatch, every mode."""
     for mode in modes_for(model):
@@ -405,6 +409,7 @@ def test_static_graphdef_hashes_once_and_compares_by_value(model):
     assert dense.graphdef != sparse.graphdef  # a dense FFN block and an MoE block never share a compilation
 
 
+@pytest.mark.slow
 def test_generation_stops_once_every_row_finished():
     """EOS at the first token. One step per dispatch: the host stops one dispatch after the first
     finished-check (every `check_every` steps; its flag is read while the next dispatch runs). Several
@@ -491,6 +496,7 @@ def test_guess_started_for_a_step_that_never_ran_counts_as_wasted(copy_method):
     assert on.as_dict()["decode_bytes_needed"] == off.as_dict()["decode_bytes_moved"]
 
 
+@pytest.mark.slow
 def test_rows_finishing_at_different_steps_match_the_reference():
     """Batch 3 where row 0 reaches EOS early and the others run on (the tiny model repeats one token per
     row): one and several steps per dispatch give the reference's tokens (padding after row 0's EOS), and

@@ -26,6 +26,7 @@ def naive_greedy(model, ids, mask, steps):
 
 
 @pytest.mark.parametrize("routing", ["conventional", "pregated"])
+@pytest.mark.slow
 def test_greedy_matches_full_recompute(routing):
     cfg = get_preset("tiny", routing=routing)
     model = SwitchTransformer(cfg, rngs=nnx.Rngs(0))
@@ -35,6 +36,7 @@ def test_greedy_matches_full_recompute(routing):
     np.testing.assert_array_equal(generate(model, ids, mask, 6), naive_greedy(model, ids, mask, 6))
 
 
+@pytest.mark.slow
 def test_eos_stops_a_sequence_and_pads_the_rest():
     base = SwitchTransformer(get_preset("tiny"), rngs=nnx.Rngs(0))
     base.eval()

@@ -80,6 +80,7 @@ def test_load_model_names_a_missing_path():
         load_model("/tmp/does_not_exist")
 
 
+@pytest.mark.slow
 def test_benchmark_tiny_smoke(tmp_path):
     peer = []
     try:
@@ -197,6 +198,7 @@ def test_benchmark_merge_replaces_rows_drops_superseded_failures_and_recomputes_
     assert proc.returncode != 0 and f"no results.json in {tmp_path / 'none'}" in proc.stderr
 
 
+@pytest.mark.slow
 def test_train_then_export_then_infer_round_trip(tmp_path):
     """An Orbax training run -> export_hf.py -> load_model: the same params, and the CLI runs on it."""
     from pregated_jax.train import restore_model, train_and_evaluate

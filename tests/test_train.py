@@ -253,6 +253,7 @@ def test_non_finite_loss_stops_naming_step_and_value(tmp_path):
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == []
 
 
+@pytest.mark.slow
 def test_pregate_finetune_from_checkpoint(trained, tmp_path):
     pytest.importorskip("pregated_jax.convert", reason="pregated_jax.convert (to_pregated) is not available")
     workdir, _ = trained
