@@ -7,6 +7,10 @@ onto this class one to one (`SwitchConfig.from_hf_dict` / `to_hf_dict`).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import numbers
+import types
+import typing
 from typing import Any, Literal
 
 Routing = Literal["conventional", "pregated"]
@@ -56,6 +60,7 @@ class SwitchConfig:
     dtype: str = "float32"  # compute dtype of everything but the router ("float32" or "bfloat16")
 
     def __post_init__(self):
+        check_field_types(self)
         if self.routing not in ("conventional", "pregated"):
             raise ValueError(f"SwitchConfig.routing must be 'conventional' or 'pregated', got {self.routing!r}")
         if self.dtype not in ("float32", "bfloat16"):
@@ -101,6 +106,8 @@ class SwitchConfig:
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> "SwitchConfig":
         """Builds a config from a HF `SwitchTransformersConfig` dict; refuses settings we don't implement."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: expected a JSON object of config fields, got {_json_kind(d)}")
         mt = d.get("model_type", "switch_transformers")
         if mt != "switch_transformers":
             raise ValueError(f"{source}: model_type is {mt!r}, expected 'switch_transformers'")
@@ -116,11 +123,14 @@ class SwitchConfig:
         kw = {k: d[k] for k in _HF_FIELDS if k in d and d[k] is not None}
         if "num_decoder_layers" not in kw and "num_layers" in kw:
             kw["num_decoder_layers"] = kw["num_layers"]
-        if kw.get("expert_capacity", 0) >= _NO_CAPACITY:  # how to_hf_dict writes "dropless"
+        capacity = kw.get("expert_capacity")
+        if isinstance(capacity, numbers.Integral) and capacity >= _NO_CAPACITY:  # to_hf_dict's "dropless"
             kw["expert_capacity"] = None
         if isinstance(kw.get("eos_token_id"), list):
             kw["eos_token_id"] = kw["eos_token_id"][0]
         extra = d.get("pregated_jax", {})  # our own fields, written by to_hf_dict
+        if not isinstance(extra, dict):
+            raise ValueError(f"{source}: pregated_jax must be a JSON object, got {extra!r} ({_json_kind(extra)})")
         kw.update({k: v for k, v in extra.items() if k in ("routing", "capacity_factor")})
         try:
             return cls(**kw)
@@ -141,6 +151,77 @@ class SwitchConfig:
 
 
 _NO_CAPACITY = 2**31 - 1  # HF needs an int; this stands for "no capacity limit"
+
+
+# --- field type checks (shared with the training configs) ------------------------------------------
+
+def check_field_types(obj: Any) -> None:
+    """Raises ValueError naming the first field of dataclass `obj` whose value does not match its annotation
+    (int, float, bool, str, dict, Literal[...], X | None; other annotations are not checked). An int field
+    refuses floats (32.0) and bools; a float field takes ints; a bool field takes only true bools, so that
+    a string such as "false" (truthy) or "abc" is refused where the config is built, not at first use."""
+    owner = type(obj).__name__
+    for name, tp in _field_hints(type(obj)).items():
+        value = getattr(obj, name)
+        if not _matches(value, tp):
+            raise ValueError(f"{owner}.{name} must be {_describe(tp)}, got {value!r} ({_json_kind(value)})")
+
+
+@functools.lru_cache(maxsize=None)
+def _field_hints(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.name in hints}
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if origin is Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, (bool, _np_bool()))
+    if tp is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, (bool, _np_bool()))
+    if tp is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, (bool, _np_bool()))
+    if tp is str:
+        return isinstance(value, str)
+    if tp is dict or origin is dict:
+        return isinstance(value, dict)
+    return True  # other annotations (nested configs, Any) are checked by their own classes
+
+
+def _describe(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    return {type(None): "null/None", bool: "a boolean (true/false)", int: "an integer",
+            float: "a number", str: "a string", dict: "a dict"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _json_kind(value: Any) -> str:
+    """How a value reads in JSON/Python terms: 'a string', 'a float', 'an array', ..."""
+    if value is None:
+        return "None"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, numbers.Integral):
+        return "an integer"
+    if isinstance(value, numbers.Real):
+        return "a float"
+    return {str: "a string", list: "an array", tuple: "a tuple", dict: "an object"}.get(
+        type(value), type(value).__name__)
+
+
+def _np_bool():
+    import numpy as np  # imported on first use: this module stays light
+
+    return np.bool_
 
 
 def _sparse_step(num_layers: int, num_sparse: int) -> int:

@@ -26,6 +26,7 @@ from typing import Any, Callable, Mapping
 from pregated_jax.engine import MODES, EngineConfig
 from pregated_jax.engine.cache import POLICIES
 from pregated_jax.engine.fetch import COPY_METHODS
+from pregated_jax.quant import FORMATS
 
 GIB = 2**30
 ON_OFF = {"on": True, "off": False}
@@ -54,8 +55,9 @@ FLAGS: dict[str, Flag] = {
                        "conventional ones"),
     "cache_policy": Flag("device expert cache policy", _choices(*POLICIES), unset="no cache"),
     "cache_experts": Flag("device cache slots per MoE block", unset="what --device_budget_gib allows"),
-    "device_budget_bytes": Flag("bound for all of the engine's expert buffers together (cache slots, or the "
-                                "prefill's streaming buffers), in GiB", unset="unbounded", name="device_budget_gib",
+    "device_budget_bytes": Flag("bound for all of the engine's expert buffers on the device together (cache "
+                                "slots, slot tables, streaming buffers), in GiB; one below what the mode needs is "
+                                "refused with the minimum", unset="unbounded", name="device_budget_gib",
                                 parse=lambda text: int(float(text) * GIB), show=lambda b: f"{b / GIB:g}",
                                 metavar="GIB"),
     "prefill_chunk": Flag("experts per copy when a call needs most experts of a block",
@@ -72,6 +74,11 @@ FLAGS: dict[str, Flag] = {
     "copy_method": Flag("how routed experts are copied: dma (native copy-engine transfers that overlap "
                         "computation), xla (XLA's copy kernels), auto (dma on a GPU where the native library "
                         "builds)", _choices("auto", *COPY_METHODS)),
+    "expert_dtype": Flag("how expert weights are stored in host memory, copied and cached: bfloat16 (unquantized, "
+                         "the model's dtype), int8 / float8_e4m3fn (per-channel scales), int4 (group-wise "
+                         "scales, two values per byte); a quantized store needs its own format",
+                         _choices(*FORMATS)),
+    "expert_group_size": Flag("int4: input rows per scale (divides d_model and d_ff)"),
 }
 
 # the field types whose flags parse their text without a choices table

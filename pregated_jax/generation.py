@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pregated_jax.model import SwitchTransformer, check_token_ids
+from pregated_jax.memory import check_request_fits
+from pregated_jax.model import SwitchTransformer, check_generation_input, check_token_ids
 
 Array = jax.Array
 
@@ -61,5 +62,8 @@ def generate(model: SwitchTransformer, input_ids, attention_mask=None, max_new_t
         raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids shape {input_ids.shape}")
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    check_generation_input(input_ids, attention_mask)
+    device = next(iter(model.shared[...].devices()))
+    check_request_fits(model.config, device, input_ids.shape[0], input_ids.shape[1], max_new_tokens)
     graphdef, state = nnx.split(model)
     return np.asarray(_greedy(graphdef, state, input_ids, attention_mask, max_new_tokens))

@@ -125,7 +125,13 @@ class _Safetensors:
         try:
             with open(path, "rb") as f:
                 n = int.from_bytes(f.read(8), "little")
+                size = path.stat().st_size
+                if n > size - 8:  # checked before reading: a corrupt length would allocate n bytes
+                    raise CheckpointError(f"{path}: not a safetensors file: its header length field says {n} "
+                                          f"bytes, but the file has {max(size - 8, 0)} bytes after it")
                 header = json.loads(f.read(n))
+        except CheckpointError:
+            raise
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
         self.data_start = 8 + n
@@ -258,6 +264,10 @@ def from_pretrained(path: str | os.PathLike, dtype: str | None = None, routing: 
     Raises `CheckpointError` naming the missing/unexpected/misshaped tensor, bad config field or file.
     """
     directory = Path(path)
+    from pregated_jax.t5x_checkpoint import is_t5x_checkpoint, load_t5x  # T5X directories have no config.json
+
+    if is_t5x_checkpoint(directory):
+        return load_t5x(directory, dtype=dtype, routing=routing, seed=seed)
     config = read_config(directory)
     if dtype is not None:
         if dtype not in ("float32", "bfloat16"):
@@ -332,20 +342,33 @@ def hf_state_dict(model: SwitchTransformer) -> dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
-def save_pretrained(model: SwitchTransformer, path: str | os.PathLike) -> Path:
+def save_pretrained(model: SwitchTransformer, path: str | os.PathLike, dtype: str | None = None) -> Path:
     """Writes config.json and model.safetensors to `path` (created if needed), atomically per file:
     everything is written to a temporary directory beside it first. Other weight files in `path` that
     transformers or `from_pretrained` would prefer or confuse (.bin, indexes and their shards) are removed.
-    Conventional models load in `transformers.SwitchTransformersForConditionalGeneration`."""
+    Conventional models load in `transformers.SwitchTransformersForConditionalGeneration`. `dtype`
+    ("float32" or "bfloat16") stores the floating-point tensors in that type (default: as they are)."""
     from safetensors.numpy import save_file
 
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tensors = hf_state_dict(model)
+    if dtype is not None:
+        if dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"save_pretrained: dtype {dtype!r} is not one of 'float32', 'bfloat16'")
+        tensors = {k: v.astype(np.float32 if dtype == "float32" else ml_dtypes.bfloat16)
+                   if np.issubdtype(v.dtype, np.floating) or v.dtype == ml_dtypes.bfloat16 else v
+                   for k, v in tensors.items()}
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         (tmp / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2, sort_keys=True) + "\n")
         save_file(tensors, str(tmp / SAFETENSORS), metadata={"format": "pt"})
+        # mkdtemp makes the folder 0700 and safetensors its file 0600; give them the modes a plain mkdir /
+        # open would under the user's umask.
+        umask = _current_umask()
+        os.chmod(tmp, 0o777 & ~umask)
+        for name in ("config.json", SAFETENSORS):
+            os.chmod(tmp / name, 0o666 & ~umask)
         if not target.exists():
             os.rename(tmp, target)
             return target
@@ -355,6 +378,19 @@ def save_pretrained(model: SwitchTransformer, path: str | os.PathLike) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _current_umask() -> int:
+    """The process's umask: read from /proc (Linux), else by setting and restoring it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _remove_stale_weights(directory: Path) -> None:

@@ -13,7 +13,11 @@ def load_model(path: str | Path = "default", dtype: str | None = None) -> Switch
     """Loads a model from:
     - "default": the small pre-gated model bundled with the package (Debian descriptions -> synopsis);
     - a Hugging Face checkpoint directory (config.json + safetensors / .bin weights);
-    - an Orbax checkpoint of ours (a training workdir, its checkpoints/ folder, or one step folder).
+    - a T5X checkpoint (msgpack `checkpoint` + zarr arrays, or newer t5x's Orbax `state/`; a step folder or a
+      folder of checkpoint_<step>/), its model config from a config.json beside it, else inferred from the
+      array shapes (`pregated_jax.t5x_checkpoint.load_t5x`);
+    - an Orbax checkpoint of ours (a training workdir, its checkpoints/ folder, or one step folder);
+    - a quantized expert store (`scripts/quantize.py`, `pregated_jax.quant_store`): experts stay quantized.
     """
     if str(path) == "default":
         path = DEFAULT_MODEL_DIR
@@ -23,12 +27,36 @@ def load_model(path: str | Path = "default", dtype: str | None = None) -> Switch
     if not path.exists():
         raise FileNotFoundError(f"checkpoint path {path} does not exist")
     from pregated_jax.hf_checkpoint import WEIGHT_FILES, from_pretrained
+    from pregated_jax.t5x_checkpoint import is_t5x_checkpoint, load_t5x
 
+    if is_t5x_checkpoint(path):
+        return load_t5x(path, dtype=dtype)
+    from pregated_jax.quant_store import is_quantized_store, load_quantized
+
+    if is_quantized_store(path):
+        return load_quantized(path, dtype=dtype)
     if any((path / name).exists() for name in WEIGHT_FILES):
         return from_pretrained(path, dtype=dtype)
-    from pregated_jax.train.checkpoints import restore_model
+    from pregated_jax.train.checkpoints import restore_model, step_dir
 
+    try:
+        orbax = (step_dir(path) / "params").is_dir()
+    except FileNotFoundError:
+        orbax = False
+    if not orbax:
+        raise FileNotFoundError(_no_model_message(path, WEIGHT_FILES))
     return restore_model(path, dtype=dtype)
+
+
+def _no_model_message(path: Path, weight_files) -> str:
+    """What `load_model` looked for in a folder that holds no model of any kind it reads."""
+    from pregated_jax.quant_store import STORE_FILE
+
+    has_config = " (config.json is there, but no weights file)" if (path / "config.json").is_file() else ""
+    return (f"no model in {path}{has_config}: looked for Hugging Face weights ({', '.join(weight_files)}), "
+            "a T5X checkpoint (checkpoint_<step>/ holding a msgpack 'checkpoint' file or an Orbax 'state'), "
+            f"a quantized store ({STORE_FILE}) and an Orbax checkpoint of ours (<step>/params or "
+            "checkpoints/<step>/params)")
 
 
 def vocabulary_for(path: str | Path = "default") -> str:

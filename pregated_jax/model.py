@@ -221,6 +221,22 @@ def check_token_ids(ids, vocab_size: int, name: str = "input_ids") -> None:
                          f"[0, {vocab_size}) (vocab_size {vocab_size}); {int(bad.sum())} id(s) out of range")
 
 
+def check_generation_input(input_ids, attention_mask) -> None:
+    """Raises ValueError for an empty batch, an empty input, or a row whose attention mask hides every token
+    (it would attend to nothing, and generation would run on padding). Host arrays [B, S], checked before
+    dispatch."""
+    batch, length = np.shape(input_ids)
+    if batch == 0 or length == 0:
+        raise ValueError(f"input_ids has shape ({batch}, {length}): generation needs at least one row and one "
+                         f"token per row (shape [batch >= 1, length >= 1])")
+    if attention_mask is not None:
+        empty = ~np.asarray(attention_mask).astype(bool).any(axis=1)
+        if empty.any():
+            rows = np.flatnonzero(empty)
+            raise ValueError(f"attention_mask row {int(rows[0])} is all zeros ({len(rows)} such row(s)): every "
+                             f"row needs at least one real token (mask value 1)")
+
+
 class SwitchTransformer(nnx.Module):
     """`model(input_ids, decoder_input_ids, attention_mask, decoder_attention_mask)` -> logits [B, T, V]."""
 
@@ -333,7 +349,7 @@ def materialize(model: SwitchTransformer, params: dict[tuple, Array], seed: int 
     out, base = {}, jax.random.key(seed)
     for i, (path, var) in enumerate(flat.items()):
         if isinstance(var, nnx.Param):
-            value = jnp.asarray(params[path])
+            value = jax.tree.map(jnp.asarray, params[path])  # an array, or a quantized expert stack's leaves
             want = var.get_value().shape
             if value.shape != want:
                 raise ValueError(f"param {'.'.join(map(str, path))}: expected shape {want}, got {value.shape}")

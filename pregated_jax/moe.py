@@ -13,6 +13,7 @@ from flax import nnx, struct
 
 from pregated_jax.config import SwitchConfig
 from pregated_jax.layers import compute_dtype, dense_init
+from pregated_jax.quant import QuantizedExperts, dequantize
 from pregated_jax.routing import RouterDecision
 
 Array = jax.Array
@@ -27,12 +28,17 @@ class Experts(nnx.Module):
         self.wo = nnx.Param(dense_init(ff ** -0.5)(rngs.params(), (e, ff, d)))
         self.dtype = compute_dtype(config)
         self.dropout = nnx.Dropout(config.dropout_rate, rngs=rngs)
+        # `pregated_jax.expert_parallel.ExpertParallel` once the model is placed on a mesh of several devices
+        # (`shard_model`); None: single-device dispatch.
+        self.expert_parallel = None
 
     def __call__(self, x: Array, decision: RouterDecision, slots: "ExpertSlots | None" = None) -> Array:
         """x [B, S, d] -> combine_weight * expert(x) where kept, else 0; [B, S, d].
 
         `slots` replaces the stored weights (the inference engine passes device-resident copies).
         """
+        if slots is None and self.expert_parallel is not None:
+            return self.expert_parallel(x, decision, self.wi[...], self.wo[...], self.dtype, self.dropout)
         if slots is None:
             return apply_experts(x, decision, self.wi[...], self.wo[...], self.dtype, self.dropout)
         return apply_experts(x, decision, slots.wi, slots.wo, self.dtype, self.dropout, slots.expert_ids)
@@ -40,23 +46,25 @@ class Experts(nnx.Module):
 
 @struct.dataclass
 class ExpertSlots:
-    """A table of G expert weights and which expert each slot holds (-1: empty slot)."""
+    """A table of G expert weights and which expert each slot holds (-1: empty slot). Weights are plain
+    arrays or `QuantizedExperts` (every leaf stacked on G)."""
 
-    wi: Array  # [G, d, ff]
-    wo: Array  # [G, ff, d]
+    wi: Array | QuantizedExperts  # [G, d, ff]
+    wo: Array | QuantizedExperts  # [G, ff, d]
     expert_ids: Array  # [G] int32
 
 
-def apply_experts(x: Array, decision: RouterDecision, wi: Array, wo: Array, dtype,
-                  dropout=None, expert_ids: Array | None = None) -> Array:
+def apply_experts(x: Array, decision: RouterDecision, wi: Array | QuantizedExperts, wo: Array | QuantizedExperts,
+                  dtype, dropout=None, expert_ids: Array | None = None) -> Array:
     """Dropless top-1 expert computation.
 
-    x [B, S, d]; wi [G, d, ff], wo [G, ff, d] hold G expert weights. By default G = E and group g is
+    x [B, S, d]; wi [G, d, ff], wo [G, ff, d] hold G expert weights, plain or quantized (dequantized to
+    `dtype` here, on the device, right before the grouped matmuls). By default G = E and group g is
     expert g; with `expert_ids` [G] (int), group g holds expert `expert_ids[g]` — the engine's slot
     table — and tokens whose expert is in no slot contribute 0 (so partial tables can be summed).
     """
     b, s, d = x.shape
-    num_groups = wi.shape[0]
+    num_groups = jax.tree.leaves(wi)[0].shape[0]
     if expert_ids is None and b * s <= num_groups // 2:
         # Few tokens, many experts (decoding with every expert resident): gather the distinct experts into
         # T slots and run the grouped matmul over those. A grouped matmul over all E groups reads every
@@ -78,11 +86,11 @@ def apply_experts(x: Array, decision: RouterDecision, wi: Array, wo: Array, dtyp
     sort_key = jnp.where(keep, group, num_groups)  # dropped tokens sort past the last group
     order = jnp.argsort(sort_key, stable=True)  # [T]
     group_sizes = jnp.bincount(sort_key, length=num_groups + 1)[:num_groups].astype(jnp.int32)  # [G]
-    h = jax.lax.ragged_dot(tokens[order], wi.astype(dtype), group_sizes)  # [T, ff]
+    h = jax.lax.ragged_dot(tokens[order], dequantize(wi, dtype), group_sizes)  # [T, ff]
     h = jax.nn.relu(h)
     if dropout is not None:
         h = dropout(h)
-    y = jax.lax.ragged_dot(h, wo.astype(dtype), group_sizes)  # [T, d]; dropped rows are 0
+    y = jax.lax.ragged_dot(h, dequantize(wo, dtype), group_sizes)  # [T, d]; dropped rows are 0
     y = jnp.zeros_like(y).at[order].set(y)  # back to token order
     weight = jnp.where(keep, decision.combine_weight.reshape(-1), 0.0).astype(dtype)  # [T]
     return (y * weight[:, None]).reshape(b, s, d)

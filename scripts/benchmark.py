@@ -3,6 +3,7 @@
     python scripts/benchmark.py                       # the full GPU sweep (see --help), ~20 minutes on an H100
     python scripts/benchmark.py --tiny --out /tmp/b   # the CPU smoke configuration (the tests run it)
     python scripts/benchmark.py --merge RUN1 RUN2 ... --out SWEEP   # one report from several runs' folders
+    python scripts/benchmark.py --expert_dtypes bfloat16 int8 float8_e4m3fn int4   # expert formats as an axis
 
 Every (preset, implementation, mode) runs in its own worker process, so each gets its own device memory
 peak; an engine worker receives its `EngineConfig` as JSON (`pregated_jax.engine_cli.to_json`). Workers print
@@ -46,6 +47,9 @@ def parse_args(argv=None):
     p.add_argument("--tiny", action="store_true", help="the CPU smoke configuration")
     p.add_argument("--presets", nargs="+")
     p.add_argument("--modes", nargs="+")
+    p.add_argument("--expert_dtypes", nargs="+", metavar="DTYPE",
+                   help="expert formats to sweep (bfloat16 int8 float8_e4m3fn int4; default: --expert_dtype); each "
+                        "format's rows take their roofline from gpu-only at that format")
     p.add_argument("--peer_modes", nargs="*", help="HF peer modes (empty: no peer)")
     p.add_argument("--batches", nargs="+", type=int)
     p.add_argument("--beams", nargs="+", type=int)
@@ -76,16 +80,23 @@ def parse_args(argv=None):
     for k, v in base.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    from pregated_jax.quant import FORMATS
+    args.expert_dtypes = args.expert_dtypes or [args.expert_dtype]
+    unknown = [d for d in args.expert_dtypes if d not in FORMATS]
+    if unknown:
+        p.error(f"--expert_dtypes: unknown format(s) {unknown}; choose from {', '.join(FORMATS)}")
     return args
 
 
-def worker_config(args, mode: str):
-    """The engine flags' `EngineConfig` for one mode's worker: the cache only in the modes that copy routed
-    experts (gpu-only and prefetch-all keep whole blocks resident), the device budget only in pregated mode."""
+def worker_config(args, mode: str, expert_dtype: str | None = None):
+    """The engine flags' `EngineConfig` for one mode's worker (experts in `expert_dtype`, default the flag's):
+    the cache only in the modes that copy routed experts (gpu-only and prefetch-all keep whole blocks
+    resident), the device budget only in pregated mode."""
     from pregated_jax.engine_cli import engine_config_from_args
 
     cached = mode not in ("gpu-only", "prefetch-all")
-    return engine_config_from_args(args, mode=mode, cache_policy=args.cache_policy if cached else None,
+    return engine_config_from_args(args, mode=mode, expert_dtype=expert_dtype or args.expert_dtype,
+                                   cache_policy=args.cache_policy if cached else None,
                                    cache_experts=args.cache_experts if cached else None,
                                    device_budget_bytes=args.device_budget_bytes if mode == "pregated" else None)
 
@@ -184,10 +195,13 @@ def spawn(args, preset: str, mode: str, engine_config=None) -> list[dict]:
         out, err, code = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), "timeout", -1
     rows = [json.loads(line[4:]) for line in out.splitlines() if line.startswith("ROW ")]
     status = "ok" if code == 0 else f"FAILED ({code})"
-    print(f"[{time.perf_counter() - t:6.1f}s] {worker:6s} {preset:16s} {mode:13s} {len(rows)} rows {status}", flush=True)
+    dtype = "" if engine_config is None else engine_config.expert_dtype
+    print(f"[{time.perf_counter() - t:6.1f}s] {worker:6s} {preset:16s} {mode:13s} {dtype:13s} {len(rows)} rows {status}",
+          flush=True)
     if code != 0:
         rows.append(dict(preset=preset, mode=mode, impl="pregated-jax" if worker == "engine" else "hf-transformers",
-                         error=err.strip().splitlines()[-1][:300] if err.strip() else f"exit {code}"))
+                         error=err.strip().splitlines()[-1][:300] if err.strip() else f"exit {code}",
+                         **({} if engine_config is None else dict(expert_dtype=engine_config.expert_dtype))))
     return rows
 
 
@@ -211,7 +225,9 @@ def add_ratios(rows: list[dict]) -> None:
     bandwidth; guesses' wasted copies do not count),
     and end-to-end speed over the HF OnDemand peer's."""
     key = lambda r: (r.get("preset"), r.get("batch"), r.get("num_beams"))  # noqa: E731
-    gpu = {key(r): r for r in rows if r.get("impl") == "pregated-jax" and r.get("mode") == "gpu-only" and "error" not in r}
+    fmt = lambda r: r.get("expert_dtype", "bfloat16")  # noqa: E731  (older results: bfloat16)
+    gpu = {key(r) + (fmt(r),): r for r in rows
+           if r.get("impl") == "pregated-jax" and r.get("mode") == "gpu-only" and "error" not in r}
     peer = {key(r): r for r in rows if r.get("impl") == "hf-transformers" and r.get("mode") == "on-demand"
             and "error" not in r}
     for r in rows:
@@ -219,7 +235,7 @@ def add_ratios(rows: list[dict]) -> None:
             continue
         if r.get("prefill_s"):
             r["prefill_gb_per_s"] = r["prefill_experts_copied"] * r["expert_bytes"] / r["prefill_s"] / 1e9
-        g = gpu.get(key(r))
+        g = gpu.get(key(r) + (fmt(r),))  # gpu-only at the row's expert format
         if g:
             roof = max(g["decode_s"], r["decode_bytes_needed"] / (LINK_GBPS * 1e9))
             r["roofline_decode_s"] = roof
@@ -262,6 +278,7 @@ def write_report(out: Path, doc: dict) -> None:
         ours = r["impl"] == "pregated-jax"
         peak = r.get("peak_device_bytes") if ours else r.get("peak_gpu_bytes")
         mode = r["mode"] + (f" ({r['device_budget_gib']} GiB budget)" if r.get("device_budget_gib") else "")
+        mode += f", {r['expert_dtype']} experts" if r.get("expert_dtype", "bfloat16") != "bfloat16" else ""
         lines.append(
             f"| {r['preset']} | {r['impl']} | {mode} | {r['batch']} | {r['num_beams']} "
             f"| {f(1e3 * r['prefill_s'] if r.get('prefill_s') is not None else None, '.1f')} "
@@ -275,7 +292,7 @@ def write_report(out: Path, doc: dict) -> None:
     if spread:
         lines += ["", "Decode / roofline of every timed run (the table's row is the run with the best end-to-end "
                   "time; the host->device link's speed varies between runs on a shared machine):", ""]
-        lines += [f"- {r['preset']} {r['mode']}, batch {r['batch']} x {r['num_beams']}: "
+        lines += [f"- {r['preset']} {r['mode']} ({r.get('expert_dtype', 'bfloat16')}), batch {r['batch']} x {r['num_beams']}: "
                   + ", ".join(f"{x:.3f}" for x in r["decode_over_roofline_runs"])
                   + f" (median {statistics.median(r['decode_over_roofline_runs']):.3f})" for r in spread]
     (out / "results.md").write_text("\n".join(lines) + "\n")
@@ -400,7 +417,7 @@ def main(argv=None):
         write_report(out, doc)
         return print((out / "results.md").read_text())
     try:  # flags the engine rejects fail before any worker runs
-        configs = {mode: worker_config(args, mode) for mode in args.modes}
+        configs = {(mode, dt): worker_config(args, mode, dt) for dt in args.expert_dtypes for mode in args.modes}
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     out.mkdir(parents=True, exist_ok=True)
@@ -409,7 +426,8 @@ def main(argv=None):
                new_tokens=args.new_tokens, started=time.strftime("%Y-%m-%d %H:%M:%S"), rows=[])
     have_peer = _peer_available()
     for preset in args.presets:
-        jobs = [(m, configs[m]) for m in args.modes] + [(m, None) for m in (args.peer_modes or []) if have_peer]
+        jobs = [(m, configs[(m, dt)]) for dt in args.expert_dtypes for m in args.modes] + \
+               [(m, None) for m in (args.peer_modes or []) if have_peer]
         for mode, config in jobs:
             doc["rows"] += spawn(args, preset, mode, config)
             write_report(out, doc)  # after every worker: a partial sweep still leaves results

@@ -33,7 +33,8 @@ def parse_args(argv=None):
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="default",
-                   help="'default' (built-in model), a Hugging Face directory, or an Orbax checkpoint of ours")
+                   help="'default' (built-in model), a Hugging Face directory, a T5X checkpoint, "
+                        "or an Orbax checkpoint of ours")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--task", choices=TASK_NAMES, help="a registered task")
     src.add_argument("--data_file", help="a local .jsonl/.jsonl.gz/.tsv task file (with --input_field, "
@@ -60,9 +61,9 @@ def parse_args(argv=None):
     if args.data_file is None and (args.input_field != "inputs" or args.target_field != "targets"
                                    or args.input_prefix):
         p.error("--input_field/--target_field/--input_prefix apply only with --data_file")
-    for name in ("num_beams", "batch_size", "max_new_tokens"):
+    for name in ("num_beams", "batch_size", "max_new_tokens", "max_input_len", "pad_to_multiple"):
         if getattr(args, name) <= 0:
-            p.error(f"--{name} must be positive")
+            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.max_examples is not None and args.max_examples < 0:
         p.error("--max_examples must be >= 0")
     return args
@@ -115,7 +116,7 @@ def main(argv=None) -> dict:
     print(f"loading {args.checkpoint} ...", file=sys.stderr)
     try:
         model = load_model(args.checkpoint, dtype=args.dtype)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:  # no model there, a bad file (named)
         raise SystemExit(f"error: {e}") from None
     try:
         engine = InferenceEngine(model, engine_config_from_args(args, routing=model.config.routing))

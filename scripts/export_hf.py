@@ -22,6 +22,8 @@ def main(argv=None):
     p.add_argument("--checkpoint", required=True, help="training workdir, its checkpoints/ folder, or a step folder")
     p.add_argument("--out", required=True)
     p.add_argument("--spiece", help="SentencePiece model to ship with it (default: the bundled T5 vocabulary)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"),
+                   help="store the weights in this type (default: as the checkpoint holds them)")
     args = p.parse_args(argv)
 
     from pregated_jax.data.tokenizer import default_vocab_path
@@ -29,7 +31,7 @@ def main(argv=None):
     from pregated_jax.loading import load_model
 
     model = load_model(args.checkpoint)
-    out = save_pretrained(model, args.out)
+    out = save_pretrained(model, args.out, dtype=args.dtype)
     shutil.copyfile(args.spiece or default_vocab_path(), Path(out) / "spiece.model")
     print(f"wrote {out}: {sorted(f.name for f in Path(out).iterdir())}")
 

@@ -2,15 +2,16 @@
 
     python scripts/infer.py                                  # built-in default model, demo inputs
     python scripts/infer.py --text "summarize: ..." --mode on-demand --num_beams 4
-    python scripts/infer.py --mode pregated --cache_policy lru --cache_experts 16 --guess_first_block off
+    python scripts/infer.py --mode pregated --cache_policy lru --cache_experts 4 --guess_first_block off
     python scripts/infer.py --checkpoint path/to/hf_or_orbax_dir --file inputs.txt --json out.json
     echo "summarize: ..." | python scripts/infer.py --checkpoint ...
 
 Inputs come from --text (repeatable), --file (one per line), or standard input; with none of these, a few
 held-out Debian package descriptions. Blank input (a whitespace --text, or a file or standard input with no
-non-blank line) is an error, exit code 2. Prints each output, then the run statistics (prefill latency,
-tokens/s, per-MoE-block latency with --profile, bytes moved host->device, GB/s, peak device memory,
-cache and speculative hit rates). Every `EngineConfig` field has a flag of its name (see --help;
+non-blank line) is an error, exit code 2, and so is a --json path whose folder is missing (checked before
+anything runs); a --checkpoint that does not exist or holds no model exits with one error line. Prints each
+output, then the run statistics (prefill latency, tokens/s, per-MoE-block latency with --profile, bytes moved
+host->device, GB/s, peak device memory, cache and speculative hit rates). Every `EngineConfig` field has a flag of its name (see --help;
 `device_budget_bytes` is given in GiB as --device_budget_gib).
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -29,7 +31,8 @@ def parse_args(argv=None):
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="default",
-                   help="'default' (built-in model), a Hugging Face directory, or an Orbax checkpoint of ours")
+                   help="'default' (built-in model), a Hugging Face directory, a T5X checkpoint, "
+                        "or an Orbax checkpoint of ours")
     p.add_argument("--text", action="append", default=[], help="an input text (repeatable)")
     p.add_argument("--file", help="a file with one input per line")
     p.add_argument("--num_beams", type=int, default=1)
@@ -42,7 +45,19 @@ def parse_args(argv=None):
     p.add_argument("--json", help="write outputs and statistics here")
     add_process_flags(p)
     add_engine_flags(p, mode=None)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("num_beams", "max_new_tokens", "max_input_len", "batch_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.json:  # checked before the model loads and generates, not when the results are written
+        out = Path(args.json)
+        if out.is_dir():
+            p.error(f"--json {out} is a directory; give a file path")
+        if not out.parent.is_dir():
+            p.error(f"--json {out}: folder {out.parent} does not exist")
+        if not os.access(out.parent, os.W_OK):
+            p.error(f"--json {out}: folder {out.parent} is not writable")
+    return args
 
 
 def read_inputs(args) -> list[str]:
@@ -89,7 +104,10 @@ def main(argv=None):
 
     texts = read_inputs(args)
     print(f"loading {args.checkpoint} ...", file=sys.stderr)
-    model = load_model(args.checkpoint, dtype=args.dtype)
+    try:
+        model = load_model(args.checkpoint, dtype=args.dtype)
+    except (FileNotFoundError, ValueError) as e:  # no such path, no model there, a bad file (named)
+        raise SystemExit(f"error: {e}") from None
     cfg = model.config
     try:
         engine = InferenceEngine(model, engine_config_from_args(args, routing=cfg.routing))
@@ -112,10 +130,13 @@ def main(argv=None):
         mask = np.array([[1] * len(x) + [0] * (width - len(x)) for x in ids], np.int32)
         bar = tqdm(total=args.max_new_tokens, desc="decode", leave=False, file=sys.stderr,
                    disable=args.max_new_tokens < 64)
-        if args.warmup:
-            engine.generate(input_ids, mask, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
-        res = engine.generate(input_ids, mask, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
-                              progress=lambda t, total: bar.update(1))
+        try:  # a request refused before it runs: one that needs more memory than is free, an empty mask row
+            if args.warmup:
+                engine.generate(input_ids, mask, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
+            res = engine.generate(input_ids, mask, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+                                  progress=lambda t, total: bar.update(1))
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
         bar.close()
         if args.profile:
             res.stats.moe_block_s = engine.generate(input_ids, mask, max_new_tokens=args.max_new_tokens,

@@ -1,7 +1,9 @@
 """Presets (parameter counts of the public checkpoints, by eval_shape), sparse layout, HF config mapping."""
 
 import math
+import re
 
+import numpy as np
 import pytest
 
 from pregated_jax.config import PRESETS, SwitchConfig, get_preset
@@ -79,3 +81,22 @@ def test_hf_dict_round_trip_and_errors():
         SwitchConfig(routing="sideways")
     with pytest.raises(KeyError, match="unknown preset"):
         get_preset("switch-huge")
+
+
+@pytest.mark.parametrize("field, value, allowed", [
+    ("d_model", 32.0, "an integer"), ("num_experts", True, "an integer"),
+    ("tie_word_embeddings", "false", r"a boolean \(true/false\)"), ("layer_norm_epsilon", "abc", "a number"),
+    ("expert_capacity", 2.5, "an integer or null/None"), ("num_heads", "4", "an integer")])
+def test_field_types_are_checked_naming_field_value_and_type(field, value, allowed):
+    """A config.json value of the wrong JSON type is refused when the config is built (a string "false"
+    would read as true; "abc" as an epsilon would fail only at the first forward)."""
+    with pytest.raises(ValueError, match=rf"^x/config.json: SwitchConfig\.{field} must be {allowed}, "
+                                         rf"got {re.escape(repr(value))} \("):
+        SwitchConfig.from_hf_dict(get_preset("tiny").to_hf_dict() | {field: value}, "x/config.json")
+    ok = SwitchConfig(layer_norm_epsilon=1, capacity_factor=2, d_model=np.int64(64))  # ints for floats, numpy ints
+    assert (ok.layer_norm_epsilon, ok.capacity_factor, ok.d_model) == (1, 2, 64)
+
+
+def test_hf_dict_must_be_an_object():
+    with pytest.raises(ValueError, match=r"^x/config.json: expected a JSON object of config fields, got an array$"):
+        SwitchConfig.from_hf_dict([{"d_model": 32}], "x/config.json")

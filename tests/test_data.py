@@ -92,7 +92,9 @@ def test_local_source_jsonl_and_tsv(tmp_path):
     tsv.write_text("n\tq\ta\n1\tWer ist da?\tich\n2\tnaïve ✓\tja\n", encoding="utf-8")
     for path in (plain, gz, tsv):
         assert list(data.local_source(path, "q", "a", prefix="question: ")) == expected, path
-    assert next(iter(data.local_source(plain, "n", "a")))["inputs"] == "1"  # non-strings become str
+    assert next(iter(data.local_source(tsv, "n", "a")))["inputs"] == "1"  # TSV cells are text
+    with pytest.raises(ValueError, match=rf"{plain}, line 1: field 'n' is 1 \(a number\); it must be a string"):
+        next(iter(data.local_source(plain, "n", "a")))  # a JSON number is not text (str() would hide a null)
 
 
 def test_local_source_errors(tmp_path):

@@ -3,6 +3,7 @@
 import dataclasses
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -217,3 +218,30 @@ def test_script_errors(evaluate_script, data_file, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         script.main(["--task", "nope", "--workdir", str(tmp_path)])
     assert e.value.code == 2 and "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value, shown", [(None, "null"), (3, "3 (a number)"), (["a", "b"], '["a", "b"] (an array)')])
+def test_script_rejects_a_non_string_field_naming_file_and_line(evaluate_script, data_file, tmp_path, value, shown):
+    """A null / number / list target (or input) is refused, not scored as its str() ("None", "3")."""
+    bad = tmp_path / "bad.jsonl"
+    rows = [{"document": "a b c", "summary": "a"}, {"document": "d e f", "summary": value}]
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(SystemExit, match=rf"^error: {re.escape(str(bad))}, line 2: field 'summary' is "
+                                         rf"{re.escape(shown)}.*must be a string$"):
+        evaluate_script.main(["--data_file", str(bad), "--input_field", "document", "--target_field", "summary",
+                              "--workdir", str(tmp_path / "w")])
+    with pytest.raises(ValueError, match=r"line 1: field 'document' is null"):
+        list(local_source(_jsonl(tmp_path / "in.jsonl", [{"document": None, "summary": "x"}]), "document", "summary"))
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("flag", ["--max_input_len", "--pad_to_multiple"])
+def test_script_rejects_zero_lengths(evaluate_script, data_file, tmp_path, capsys, flag):
+    with pytest.raises(SystemExit) as e:
+        evaluate_script.main(["--data_file", str(data_file), "--input_field", "document", "--target_field", "summary",
+                              flag, "0", "--workdir", str(tmp_path)])
+    assert e.value.code == 2 and f"error: {flag} must be >= 1, got 0" in capsys.readouterr().err

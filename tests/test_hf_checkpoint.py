@@ -7,6 +7,7 @@ missing; the rest use the stored fixtures (tests/fixtures/hf) and our own models
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -59,6 +60,21 @@ def test_round_trip_is_lossless(tmp_path, overrides):
         names = hf_state_dict(model)
         assert "encoder.block.1.layer.1.mlp.pregate.classifier.weight" in names
         assert "encoder.block.3.layer.1.mlp.router.classifier.weight" not in names  # pre-gated by block 1
+
+
+def test_save_in_bfloat16_stores_bf16_and_loads_the_rounded_weights(tmp_path):
+    import ml_dtypes
+    from safetensors.numpy import load_file
+
+    model = SwitchTransformer(get_preset("tiny", routing="pregated"), rngs=nnx.Rngs(0))
+    save_pretrained(model, tmp_path / "bf16", dtype="bfloat16")
+    stored = load_file(str(tmp_path / "bf16" / "model.safetensors"))
+    assert {v.dtype for v in stored.values()} == {np.dtype(ml_dtypes.bfloat16)}
+    loaded = params_of(from_pretrained(tmp_path / "bf16"))
+    for path, value in params_of(model).items():  # float32 in memory, each weight rounded to bf16 once
+        np.testing.assert_array_equal(loaded[path], value.astype(ml_dtypes.bfloat16).astype(np.float32), str(path))
+    with pytest.raises(ValueError, match="float16"):
+        save_pretrained(model, tmp_path / "f16", dtype="float16")
 
 
 def test_save_over_existing_checkpoint_replaces_weights(tmp_path):
@@ -299,3 +315,53 @@ def test_live_bin_sharded_and_bf16(tmp_path):
     hf_rounded.load_state_dict(rounded, strict=False)
     hf_rounded.save_pretrained(tmp_path / "rounded")
     assert_same_params(from_pretrained(bf16_dir), from_pretrained(tmp_path / "rounded"))
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"d_model": 32.0}', r"SwitchConfig\.d_model must be an integer, got 32\.0 \(a float\)"),
+    ('{"tie_word_embeddings": "false"}', r"SwitchConfig\.tie_word_embeddings must be a boolean \(true/false\), "
+                                         r"got 'false' \(a string\)"),
+    ('{"layer_norm_epsilon": "abc"}', r"SwitchConfig\.layer_norm_epsilon must be a number, got 'abc' \(a string\)"),
+    ("[1, 2]", r"expected a JSON object of config fields, got an array")])
+def test_config_json_field_types(ckpt, text, message):
+    """A config.json whose values have the wrong JSON type (or that is not an object) is refused at load,
+    naming the file, the field, the value and the type allowed."""
+    directory, _, _ = ckpt
+    config = json.loads((directory / "config.json").read_text())
+    edit = json.loads(text)
+    (directory / "config.json").write_text(json.dumps(config | edit if isinstance(edit, dict) else edit))
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(directory / 'config.json'))}: {message}$"):
+        from_pretrained(directory)
+
+
+def test_safetensors_header_length_past_the_file(ckpt):
+    """A header length field of 2**62 is refused naming the file, before anything is allocated for it."""
+    directory, _, _ = ckpt
+    file = directory / "model.safetensors"
+    raw = file.read_bytes()
+    file.write_bytes((2**62).to_bytes(8, "little") + raw[8:])
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(file))}: not a safetensors file: its header length "
+                                              rf"field says {2**62} bytes, but the file has {len(raw) - 8} bytes"):
+        from_pretrained(directory)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_save_pretrained_follows_the_umask(tmp_path, umask):
+    """The folder and files get the modes a plain mkdir / open gives under the umask (not 0700 / 0600), both
+    for a new folder and for files replaced in an existing one."""
+    import os
+    import stat
+
+    model = SwitchTransformer(get_preset("tiny"), rngs=nnx.Rngs(0))
+    old = os.umask(umask)
+    try:
+        out = save_pretrained(model, tmp_path / "new")
+        existing = tmp_path / "existing"
+        existing.mkdir()
+        save_pretrained(model, existing)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+    for folder in (out, existing):
+        assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in folder.iterdir()} == {
+            "config.json": 0o666 & ~umask, "model.safetensors": 0o666 & ~umask}

@@ -3,6 +3,7 @@
 import dataclasses
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -75,9 +76,71 @@ def test_infer_rejects_blank_input_instead_of_running_the_demo(t5_vocab_model, t
     assert "nothing to generate from" in proc.stderr and named in proc.stderr and not out.exists()
 
 
+@pytest.mark.parametrize("budget, message", [
+    ("0.000001", r"device_budget_bytes=1073 \(.*\) is below the \d+ bytes .* allowed: >= \d+ bytes"),
+    ("-1", r"device_budget_bytes must be >= 0 \(or None: unbounded\), got -1073741824")])
+def test_infer_refuses_a_device_budget_too_small_for_the_mode(t5_vocab_model, budget, message):
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "infer.py"), "--checkpoint", str(t5_vocab_model),
+                           "--text", "summarize: x", "--max_new_tokens", "2", "--device_budget_gib", budget],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and re.search(rf"^error: {message}", proc.stderr, re.M), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
 def test_load_model_names_a_missing_path():
     with pytest.raises(FileNotFoundError, match="does_not_exist"):
         load_model("/tmp/does_not_exist")
+
+
+def test_load_model_on_a_folder_without_a_model_says_what_it_looked_for(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "7").mkdir()  # a step-like folder without params: not an Orbax checkpoint either
+    with pytest.raises(FileNotFoundError, match=rf"^no model in {re.escape(str(tmp_path))} \(config.json is there, "
+                                                r"but no weights file\): looked for Hugging Face weights "
+                                                r"\(model.safetensors, .*pytorch_model.bin.*\), a T5X checkpoint "
+                                                r".*an Orbax checkpoint of ours \(<step>/params"):
+        load_model(tmp_path)
+
+
+def test_export_hf_follows_the_umask(t5_vocab_model, tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o027)
+    try:
+        _load_script("export_hf").main(["--checkpoint", str(t5_vocab_model), "--out", str(tmp_path / "out")])
+    finally:
+        os.umask(old)
+    out = tmp_path / "out"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o750
+    assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()} == {
+        "config.json": 0o640, "model.safetensors": 0o640, "spiece.model": 0o640}
+
+
+def test_infer_argument_errors_come_before_loading_and_generating(tmp_path, monkeypatch, capsys):
+    """Each is one error line, before any model is loaded: counts below 1, a --json folder that is missing, a
+    --checkpoint that is missing or holds no model."""
+    for name in ("XLA_FLAGS", "CUDA_MODULE_LOADING"):  # main() sets them for the process
+        monkeypatch.delenv(name, raising=False)
+    infer = _load_script("infer")
+    loaded = []
+    monkeypatch.setattr("pregated_jax.loading.load_model", lambda *a, **k: loaded.append(a) or load_model(*a, **k))
+    usage = [(["--batch_size", "0"], "--batch_size must be >= 1, got 0"),
+             (["--max_input_len", "0"], "--max_input_len must be >= 1, got 0"),
+             (["--num_beams", "-2"], "--num_beams must be >= 1, got -2"),
+             (["--json", str(tmp_path / "nodir" / "out.json")],
+              f"--json {tmp_path / 'nodir' / 'out.json'}: folder {tmp_path / 'nodir'} does not exist"),
+             (["--json", str(tmp_path)], f"--json {tmp_path} is a directory")]
+    for args, message in usage:
+        with pytest.raises(SystemExit) as exit_:
+            infer.main(["--text", "summarize: x", *args])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and f"error: {message}" in err, (args, err)
+    for checkpoint, message in [(tmp_path / "missing", f"checkpoint path {tmp_path / 'missing'} does not exist"),
+                                (tmp_path, f"no model in {tmp_path}: looked for")]:
+        with pytest.raises(SystemExit, match=rf"^error: {re.escape(message)}"):
+            infer.main(["--text", "summarize: x", "--checkpoint", str(checkpoint)])
+    assert len(loaded) == 2  # only the two checkpoint cases reached loading
 
 
 @pytest.mark.slow

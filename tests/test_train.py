@@ -185,6 +185,14 @@ def test_resume_after_kill_is_bit_exact(trained, tmp_path):
     assert [s for s, _ in resumed] == [7, 8]  # restarted from the step-6 checkpoint
     assert resumed == full[6:], (resumed, full)  # bit for bit
     assert final["step"] == 8
+    # metrics.jsonl: one line per step (step 7, logged before the kill, is not repeated), the same losses
+    # as the uninterrupted run's file
+    def logged(workdir):
+        lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+        return [(m["step"], m.get("train/loss"), "eval/loss" in m) for m in lines]
+
+    assert logged(tmp_path) == logged(trained[0])
+    assert [s for s, _, is_eval in logged(tmp_path) if not is_eval] == list(range(1, 9))
 
 
 def test_resume_skips_consumed_batches_of_an_iterator(trained, tmp_path):
@@ -363,3 +371,82 @@ def test_safetensors_with_overwritten_bytes_is_refused(tmp_path):
     file.write_bytes(raw[:start] + b"\xff" * (len(raw) - start))
     with pytest.raises(ValueError, match=r"model\.safetensors: tensor '[^']+' holds \d+ non-finite"):
         load_model(tmp_path)
+
+
+# --- checkpoint folders that cannot be written -----------------------------------------------------
+
+def _refuse_mkdir(monkeypatch, fragment: str) -> None:
+    """os.mkdir fails with EACCES for paths containing `fragment`, as in a read-only folder (even as root)."""
+    real = os.mkdir
+
+    def mkdir(path, *args, **kwargs):
+        if fragment in os.fspath(path):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+
+
+@pytest.mark.parametrize("how", ["chmod", "mkdir refused"])
+def test_unwritable_checkpoint_folder_fails_before_training(tmp_path, monkeypatch, how):
+    ckpt = tmp_path / "checkpoints"
+    ckpt.mkdir()
+    if how == "chmod":
+        ckpt.chmod(0o555)
+        if os.access(ckpt, os.W_OK):
+            pytest.skip("running as root: a read-only mode does not stop writes")
+    else:
+        _refuse_mkdir(monkeypatch, str(ckpt) + os.sep)
+    steps = []
+    with pytest.raises(PermissionError, match=rf"^cannot write checkpoints to {re.escape(str(ckpt))}: "
+                                              r".*Permission denied"):
+        run(BASE, tmp_path, step_callback=lambda step, _: steps.append(step))
+    assert steps == []  # refused before the first step
+    spec = importlib.util.spec_from_file_location("train_script", REPO / "scripts/train.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with pytest.raises(SystemExit, match=rf"^error: cannot write checkpoints to {re.escape(str(ckpt))}: "):
+        script.main(["--gin_file", str(REPO / "configs/tiny.gin"), "--workdir", str(tmp_path)])
+
+
+def test_failed_checkpoint_save_raises_at_once_and_leaves_no_thread_waiting(tmp_path, monkeypatch):
+    """A step folder that cannot be created: `save` raises naming the folder and the cause, and no Orbax
+    thread is left waiting for it (such a thread held the process's exit for 300 s)."""
+    import threading
+    import time
+    from pregated_jax.train.checkpoints import CheckpointStore
+
+    store = CheckpointStore(tmp_path / "checkpoints", keep=2)
+    _refuse_mkdir(monkeypatch, "orbax-checkpoint-tmp")
+    state = {"step": np.int32(1), "params": {"w": np.zeros(3, np.float32)}, "opt_state": {}, "rngs": {}}
+    before = set(threading.enumerate())
+    with pytest.raises(PermissionError, match=rf"checkpoint step 1 to {re.escape(str(tmp_path / 'checkpoints'))}: "
+                                              r".*Permission denied.*1\.orbax-checkpoint-tmp"):
+        store.save(1, state, {"model_config": {}, "train_config": {}})
+        store.wait()
+    deadline = time.monotonic() + 5
+    while (left := [t for t in set(threading.enumerate()) - before if t.is_alive() and not t.daemon]) \
+            and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert left == [], [t.name for t in left]
+    store.close()
+
+
+def test_config_values_of_the_wrong_type_are_one_error_line(tmp_path, capsys):
+    """gin hands values over untyped: num_steps='abc' (or a float, or a string for a bool) is refused where the
+    config is built, naming the field, the value and the type allowed; scripts/train.py prints it as one line."""
+    spec = importlib.util.spec_from_file_location("train_script", REPO / "scripts/train.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for binding, message in [("TrainingConfig.num_steps='abc'", "TrainingConfig.num_steps must be an integer, "
+                                                                 "got 'abc' (a string)"),
+                             ("TrainingConfig.batch_size=8.0", "TrainingConfig.batch_size must be an integer, got 8.0"),
+                             ("TrainingConfig.tensorboard='false'", "TrainingConfig.tensorboard must be a boolean"),
+                             ("DataConfig.train_path=3", "DataConfig.train_path must be a string or null/None, got 3"),
+                             ("InitConfig.convert_to_pregated=1", "InitConfig.convert_to_pregated must be a boolean")]:
+        with pytest.raises(SystemExit, match=rf"^error: {re.escape(message)}"):
+            script.main(["--gin_file", str(REPO / "configs/tiny.gin"), f"--gin.{binding}",
+                         "--workdir", str(tmp_path / "w")])
+    assert not (tmp_path / "w").exists()
+    with pytest.raises(ValueError, match=r"OptimizerConfig\.warmup_steps must be an integer, got '5'"):
+        OptimizerConfig(warmup_steps="5")

@@ -77,7 +77,14 @@ def _field(record: dict, field: str, path: str, lineno: int) -> str:
         raise MissingFieldError(f"{path}, line {lineno}: field {field!r} not present; "
                        f"fields there: {', '.join(map(str, record)) or '(none)'}")
     value = record[field]
-    return value if isinstance(value, str) else str(value)
+    if not isinstance(value, str):  # a null, number or list would be scored as its str() ("None", "3")
+        shown = "null" if value is None else (f"{json.dumps(value)[:80]} "
+                                              f"({_JSON_TYPES.get(type(value), type(value).__name__)})")
+        raise ValueError(f"{path}, line {lineno}: field {field!r} is {shown}; it must be a string")
+    return value
+
+
+_JSON_TYPES = {bool: "a boolean", int: "a number", float: "a number", list: "an array", dict: "an object"}
 
 
 def local_source(path: str | os.PathLike, input_field: str, target_field: str,
@@ -86,7 +93,8 @@ def local_source(path: str | os.PathLike, input_field: str, target_field: str,
     (tab-separated, first row = field names, no quoting). `inputs` = prefix + record[input_field],
     `targets` = record[target_field].
 
-    Raises FileNotFoundError naming a missing file; ValueError naming file and line for a malformed line;
+    Raises FileNotFoundError naming a missing file; ValueError naming file and line for a malformed line
+    or a field whose value is not a string (null, number, array, object);
     MissingFieldError (a KeyError) naming the field, file and line, and listing the fields there.
     """
     path = os.fspath(path)

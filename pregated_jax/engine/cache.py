@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import struct
 from jax.sharding import SingleDeviceSharding
 
-from pregated_jax.engine.fetch import copy_expert
+from pregated_jax.engine.fetch import copy_expert, zero_tables
 from pregated_jax.moe import ExpertSlots
 
 Array = jax.Array
@@ -24,7 +24,7 @@ POLICIES = ("lru", "lfu", "lifo", "fifo")
 class CacheState:
     """One MoE block's device slot table and its bookkeeping (all on the device)."""
 
-    slots: ExpertSlots  # wi [C, d, ff], wo [C, ff, d], expert_ids [C] (-1: empty)
+    slots: ExpertSlots  # wi [C, d, ff], wo [C, ff, d] (in the engine's expert format), expert_ids [C] (-1: empty)
     last_use: Array  # [C] int32 clock of the last access that needed the slot's expert
     freq: Array  # [C] int32 accesses that needed it since it was inserted
     inserted: Array  # [C] int32 clock of insertion
@@ -39,10 +39,8 @@ def empty_cache(capacity: int, host_wi, host_wo, device: SingleDeviceSharding) -
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
 def _empty_cache(host_wi, host_wo, capacity, device):
-    z = lambda shape, dtype: jax.device_put(jnp.zeros(shape, dtype), device)  # noqa: E731
-    slots = ExpertSlots(z((capacity,) + host_wi.shape[1:], host_wi.dtype),
-                        z((capacity,) + host_wo.shape[1:], host_wo.dtype),
-                        jnp.full((capacity,), -1, jnp.int32))
+    wi, wo = zero_tables(host_wi, host_wo, capacity, device)
+    slots = ExpertSlots(wi, wo, jnp.full((capacity,), -1, jnp.int32))
     zeros = jnp.zeros((capacity,), jnp.int32)
     return CacheState(slots, zeros, zeros, zeros, jnp.int32(0), jnp.int32(0), jnp.int32(0))
 
@@ -88,12 +86,13 @@ def cache_lookup(state: CacheState, host_wi, host_wo, needed: Array, policy: str
     (ids, last_use, freq, inserted), (slots, copies) = jax.lax.scan(plan, meta, needed)
 
     def copy_one(j, tables):
-        wi, wo = tables
-        new_wi, new_wo = copy_expert(host_wi, host_wo, copies[j], device)
+        new = copy_expert(host_wi, host_wo, copies[j], device)
         fill = copies[j] >= 0
-        wi = jax.lax.dynamic_update_index_in_dim(wi, jnp.where(fill, new_wi, wi[slots[j]]), slots[j], 0)
-        wo = jax.lax.dynamic_update_index_in_dim(wo, jnp.where(fill, new_wo, wo[slots[j]]), slots[j], 0)
-        return wi, wo
+
+        def put(table, row):
+            return jax.lax.dynamic_update_index_in_dim(table, jnp.where(fill, row, table[slots[j]]), slots[j], 0)
+
+        return jax.tree.map(put, tables, new)
 
     wi, wo = jax.lax.fori_loop(0, needed.shape[0], copy_one, (state.slots.wi, state.slots.wo))
     n_miss = jnp.sum(copies >= 0).astype(jnp.int32)

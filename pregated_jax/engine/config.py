@@ -6,6 +6,7 @@ import dataclasses
 
 from pregated_jax.engine.cache import POLICIES
 from pregated_jax.engine.fetch import COPY_METHODS
+from pregated_jax.quant import DEFAULT_GROUP_SIZE, check_format, check_group_size
 
 MODES = ("gpu-only", "on-demand", "prefetch-all", "pregated", "speculative")
 
@@ -19,8 +20,10 @@ class EngineConfig:
       pregated (the experts block N's pre-gate chose), speculative (the experts block N+1's own gate
       predicts from block N's input; misses copied after the gate).
     cache_policy: None (no cache: every call copies what it needs) or one of `cache.POLICIES`.
-    cache_experts: device slots per MoE block for the cache; or give `device_budget_bytes`, which
-      bounds all expert buffers together (cache slots, or the prefill streaming buffers).
+    cache_experts: device slots per MoE block for the cache (1 to the number of experts); or give
+      `device_budget_bytes`, which bounds all expert buffers on the device together (cache slots, slot
+      tables, streaming buffers). A budget below what the mode needs for one MoE block is refused with that
+      minimum (`InferenceEngine.min_budget_bytes`); the non-expert weights are outside the budget.
     prefill_chunk: experts per copy when a call needs most of a block (default: all E at once, or what
       the budget allows).
     check_every: decode steps between the host's checks whether every row has finished.
@@ -44,6 +47,13 @@ class EngineConfig:
       copies of mispredicted experts, which come after the real gate and overlap nothing, so XLA's kernels
       (no host round trip) are faster there; "xla" elsewhere. Cache fills, whole blocks and prefetch-all
       always use XLA's copies.
+    expert_dtype: how expert weights are stored in host memory, copied and cached (`quant.FORMATS`):
+      "bfloat16" (default: unquantized, in the model's dtype), "int8" or "float8_e4m3fn" (one scale per
+      expert and output channel), "int4" (one scale per `expert_group_size` input rows, two values per
+      byte). Dequantized on the device right before the grouped matmul; every mode, gpu-only included,
+      computes with the same quantized weights. A quantized store (`scripts/quantize.py`) needs its own
+      format here, and keeps the group size it was written with.
+    expert_group_size: int4's input rows per scale; must divide d_model and d_ff.
     """
 
     mode: str = "pregated"
@@ -57,6 +67,8 @@ class EngineConfig:
     guess_first_block: bool = False
     prefill_routed_only: bool = True
     copy_method: str = "auto"
+    expert_dtype: str = "bfloat16"
+    expert_group_size: int = DEFAULT_GROUP_SIZE
 
     def __post_init__(self):
         if self.decode_steps_per_call < 1 or self.check_every < 1:
@@ -68,5 +80,12 @@ class EngineConfig:
             raise ValueError(f"unknown cache policy {self.cache_policy!r}; choose one of {POLICIES}")
         if self.copy_method not in ("auto",) + COPY_METHODS:
             raise ValueError(f"unknown copy method {self.copy_method!r}; choose auto or one of {COPY_METHODS}")
+        if self.cache_experts is not None and self.cache_experts < 1:
+            raise ValueError(f"cache_experts must be >= 1 (device slots per MoE block) or None, got "
+                             f"{self.cache_experts}")
+        if self.device_budget_bytes is not None and self.device_budget_bytes < 0:
+            raise ValueError(f"device_budget_bytes must be >= 0 (or None: unbounded), got {self.device_budget_bytes}")
+        check_format(self.expert_dtype)
+        check_group_size(self.expert_group_size)
         if self.cache_policy is not None and self.mode in ("gpu-only", "prefetch-all"):
             raise ValueError(f"mode {self.mode!r} keeps whole blocks resident; a cache does not apply")

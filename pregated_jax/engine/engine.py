@@ -31,9 +31,17 @@ from pregated_jax.engine.search import all_finished, beam_step, best_sequences, 
 from pregated_jax.engine.stack_pass import StackPass
 from pregated_jax.engine.stats import RunStats, Stopwatch
 from pregated_jax.layers import key_padding, visibility_bias
-from pregated_jax.model import KVCache, SwitchTransformer, check_token_ids
+from pregated_jax.memory import GIB, check_request_fits
+from pregated_jax.model import KVCache, SwitchTransformer, check_generation_input, check_token_ids
 
 __all__ = ["MODES", "EngineConfig", "GenerationResult", "InferenceEngine"]
+
+# Expert slot tables one call holds on the device at once, per routed mode: the block's and the next block's
+# (pregated: the prefetch; on-demand: the previous block's until it is freed); speculative: the prediction, the
+# misses, their merge (two tables' worth) and the next block's prediction. The first-block guess adds one.
+ROUTED_TABLES = {"on-demand": 2, "pregated": 2, "speculative": 5}
+# Chunks a streamed block holds in flight: two (double buffering) for the block computing and two for the next.
+STREAM_BUFFERS = 4
 
 
 def _one_call_at_a_time(method):
@@ -72,17 +80,26 @@ class InferenceEngine:
         self.mem = Memories.for_device(device)
         if config.mode == "gpu-only":  # experts placed on the device, as the ceiling
             self.mem = dataclasses.replace(self.mem, on_host=self.mem.on_device)
-        self.program = ModelProgram.from_model(model, self.mem)
+        self.program = ModelProgram.from_model(model, self.mem, config.expert_dtype, config.expert_group_size)
         some = self.program.encoder.blocks[self.program.encoder.moe_blocks[0]] if self.program.encoder.moe_blocks \
             else self.program.decoder.blocks[self.program.decoder.moe_blocks[0]]
         self.num_experts, self.expert_bytes = some.num_experts, some.expert_bytes
         self.num_moe_blocks = len(self.program.encoder.moe_blocks) + len(self.program.decoder.moe_blocks)
+        if config.cache_experts is not None and config.cache_experts > self.num_experts:
+            raise ValueError(f"cache_experts={config.cache_experts} is more than the {self.num_experts} experts of "
+                             f"an MoE block: allowed 1 to {self.num_experts} slots per block")
+        # slot tables of one call on the device at once (`tables_exceed_budget`), the least budget the mode needs
+        guesses = config.guess_first_block and config.mode in ("pregated", "speculative")
+        self.tables = ROUTED_TABLES.get(config.mode, 0) + (1 if guesses else 0)
+        self.min_budget_bytes = self._min_budget_bytes()
+        self._check_budget()
         self.cache_slots = self._cache_slots()
         # method for routed fetches, and for speculative mode's fetches of mispredicted experts
         self.copy_method = self._copy_method()
         self.miss_copy_method = ("xla" if config.copy_method == "auto" and config.mode == "speculative"
                                  else self.copy_method)
         self.chunk = self._prefill_chunk()
+        self._check_chunk_budget()
         # whether calls that need most experts of a block (prefill) copy only the routed ones, into a fresh
         # table of min(E, tokens) slots; otherwise whole blocks (streamed in chunks under a budget), and
         # past the cache when there is one
@@ -114,11 +131,92 @@ class InferenceEngine:
             return c.cache_experts
         if c.device_budget_bytes is None:
             raise ValueError("a cache needs a size: cache_experts (per MoE block) or device_budget_bytes")
-        slots = c.device_budget_bytes // (self.num_moe_blocks * self.expert_bytes)
-        if slots < 1:
-            raise ValueError(f"device_budget_bytes={c.device_budget_bytes} holds less than one expert per "
-                             f"MoE block ({self.num_moe_blocks} blocks x {self.expert_bytes} bytes)")
+        # the cache gets what the budget leaves beside the smallest streaming buffers (`_check_budget`: >= 1)
+        eb = self.expert_bytes
+        slots = (c.device_budget_bytes - STREAM_BUFFERS * eb) // (self.num_moe_blocks * eb)
         return int(min(slots, self.num_experts))
+
+    def _min_budget_bytes(self) -> int:
+        """The fewest bytes of expert buffers the mode needs on the device (the least `device_budget_bytes`
+        that works): gpu-only holds every expert of every MoE block; prefetch-all two whole blocks (the one
+        computing and the next); the routed modes stream a block through `STREAM_BUFFERS` one-expert chunks,
+        and with a cache hold `cache_experts` slots (at least one) per MoE block besides."""
+        c, e, eb = self.config, self.num_experts, self.expert_bytes
+        if c.mode == "gpu-only":
+            return self.num_moe_blocks * e * eb
+        if c.mode == "prefetch-all":
+            return 2 * e * eb
+        cache = 0 if c.cache_policy is None else self.num_moe_blocks * (c.cache_experts or 1) * eb
+        return cache + STREAM_BUFFERS * eb
+
+    def _check_budget(self):
+        c, need, eb = self.config, self.min_budget_bytes, self.expert_bytes
+        if c.device_budget_bytes is None or c.device_budget_bytes >= need:
+            return
+        if c.mode == "gpu-only":
+            what = f"every expert resident: {self.num_moe_blocks} MoE blocks x {self.num_experts} experts"
+        elif c.mode == "prefetch-all":
+            what = f"two whole MoE blocks: 2 x {self.num_experts} experts"
+        else:
+            what = f"{STREAM_BUFFERS} one-expert streaming buffers"
+            if c.cache_policy is not None:
+                what += f" + a cache of {c.cache_experts or 1} slot(s) x {self.num_moe_blocks} MoE blocks"
+        raise ValueError(
+            f"device_budget_bytes={c.device_budget_bytes} ({_gib(c.device_budget_bytes)}) is below the {need} bytes "
+            f"({_gib(need)}) of expert buffers that mode {c.mode!r} needs on the device ({what}, {eb} bytes per "
+            f"expert); allowed: >= {need} bytes. The budget bounds expert buffers only: the "
+            f"{self._resident_bytes()} bytes ({_gib(self._resident_bytes())}) of non-expert weights stay on the "
+            f"device besides it")
+
+    def _check_chunk_budget(self):
+        """A `prefill_chunk` given with a budget must fit it: its streaming buffers beside the cache."""
+        c, eb = self.config, self.expert_bytes
+        if c.device_budget_bytes is None or c.prefill_chunk is None or c.mode in ("gpu-only", "prefetch-all"):
+            return
+        need = self._cache_bytes() + STREAM_BUFFERS * self.chunk * eb
+        if need > c.device_budget_bytes:
+            raise ValueError(f"prefill_chunk={c.prefill_chunk} needs {need} bytes ({_gib(need)}) of expert buffers "
+                             f"({STREAM_BUFFERS} chunks of {self.chunk} x {eb} bytes"
+                             f"{' + the cache' if self.cache_slots else ''}), more than device_budget_bytes="
+                             f"{c.device_budget_bytes}; allowed: at most "
+                             f"{max(0, c.device_budget_bytes - self._cache_bytes()) // (STREAM_BUFFERS * eb)} experts")
+
+    def _cache_bytes(self) -> int:
+        return 0 if self.cache_slots is None else self.num_moe_blocks * self.cache_slots * self.expert_bytes
+
+    def _resident_bytes(self) -> int:
+        """Bytes of the weights kept on the device besides the experts."""
+        blocks = [b for sp in (self.program.encoder, self.program.decoder) for b in sp.blocks if b.is_sparse]
+        experts = sum(x.nbytes for b in blocks for x in jax.tree.leaves((b.host_wi, b.host_wo)))
+        return sum(x.nbytes for x in jax.tree.leaves(self.program) if hasattr(x, "nbytes")) - experts
+
+    def tables_exceed_budget(self, k: int) -> bool:
+        """Whether a call's routed slot tables, `self.tables` of k slots each, would not fit the budget (routed
+        modes without a cache, whose slots are filled in place): such a call streams each block in chunks."""
+        b = self.config.device_budget_bytes
+        return (b is not None and self.cache_slots is None and self.tables > 0
+                and self.tables * k * self.expert_bytes > b)
+
+    def expert_buffer_bytes(self, tokens: int, rows: int) -> int:
+        """A bound on the expert tables a request allocates on the device besides those the engine keeps (gpu-only's
+        resident experts and the cache's slots are in use already): its prefill routes `tokens` at once, its
+        decode steps `rows`. The memory check of `generate` counts them."""
+        c, e, eb = self.config, self.num_experts, self.expert_bytes
+        if c.mode == "gpu-only":
+            return 0
+        if c.mode == "prefetch-all":
+            return 2 * e * eb
+
+        def call(k):
+            k = min(e, k)
+            dense = 2 * k >= e or self.tables_exceed_budget(k)
+            if dense and self.chunk < e:
+                return STREAM_BUFFERS * self.chunk * eb
+            if dense and not self.dense_routed_only:
+                return 2 * e * eb  # whole blocks, the current and the next
+            return 0 if self.cache_slots is not None else self.tables * k * eb
+
+        return max(call(tokens), call(rows))
 
     def _copy_method(self) -> str:
         method = self.config.copy_method
@@ -142,9 +240,12 @@ class InferenceEngine:
         c, e = self.config, self.num_experts
         if c.prefill_chunk is not None:
             return max(1, min(c.prefill_chunk, e))
-        if c.device_budget_bytes is not None and self.cache_slots is None:
-            # two chunks in flight (double buffering) for the current and the next block
-            return int(max(1, min(e, c.device_budget_bytes // (4 * self.expert_bytes))))
+        if c.device_budget_bytes is not None and c.mode not in ("gpu-only", "prefetch-all"):
+            # two chunks in flight (double buffering) for the current and the next block, beside the cache;
+            # without a cache, room for a call's routed tables too, so that a chunk of E copies routed tables
+            per = STREAM_BUFFERS if self.cache_slots is not None else max(STREAM_BUFFERS, self.tables)
+            left = c.device_budget_bytes - self._cache_bytes()
+            return int(max(1, min(e, left // (per * self.expert_bytes))))
         return e
 
     # --- generation ---------------------------------------------------------------------------------
@@ -222,10 +323,13 @@ class InferenceEngine:
             raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {input_ids.shape}")
         if max_new_tokens <= 0 or num_beams <= 0:
             raise ValueError(f"max_new_tokens and num_beams must be positive, got {max_new_tokens}, {num_beams}")
+        check_generation_input(input_ids, mask)
         batch, rows = input_ids.shape[0], input_ids.shape[0] * num_beams
         if self.cache_slots is not None and self.cache_slots < min(rows, self.num_experts):
             raise ValueError(f"cache_experts={self.cache_slots} per block is less than the {rows} tokens a "
                              f"decode step may route (batch x beams); raise it or the budget")
+        check_request_fits(cfg, self.mem.device, batch, input_ids.shape[1], max_new_tokens, num_beams,
+                           self.expert_buffer_bytes(input_ids.size, rows))
         fused = fused and not profile_blocks
         stats = RunStats.start(self, batch, num_beams, input_ids.shape[1], max_new_tokens)
         watch = Stopwatch()
@@ -312,13 +416,18 @@ class InferenceEngine:
         k = min(self.num_experts, rows)
         dec = self.program.decoder
         if (not self.config.guess_first_block or self.config.mode not in ("pregated", "speculative")
-                or self.cache_slots is not None or 2 * k >= self.num_experts or not dec.moe_blocks):
+                or self.cache_slots is not None or 2 * k >= self.num_experts or not dec.moe_blocks
+                or self.tables_exceed_budget(k)):
             return None
         return G.first(F.CopyQueue(self.mem.on_device), self.copy_method, dec.blocks[dec.moe_blocks[0]], k)
 
     @staticmethod
     def _step_guess(incoming: F.PendingSlots | None, search) -> G.StepGuess | None:
         return None if incoming is None else G.StepGuess(incoming, search.step, search.tokens.shape[-1])
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:.3g} GiB"
 
 
 def _warn_if_modules_load_lazily():

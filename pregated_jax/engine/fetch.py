@@ -10,6 +10,10 @@ Two copy methods fill the same slot tables (a `CopyQueue` starts and finishes th
   overlaps the copies.
 Whole blocks and ranges (`fetch_range`, `fetch_all`) are always XLA copies. Every function that copies
 returns how many experts it copied, as a device scalar, for the statistics.
+
+Expert stacks are plain arrays or `quant.QuantizedExperts` (values and scales, each stacked on E): every
+operation here is one leading-axis operation mapped over the leaves of (wi, wo), and the native copies
+take one host stack per leaf.
 """
 
 from __future__ import annotations
@@ -39,17 +43,23 @@ def needed_experts(decision: RouterDecision, k: int) -> Array:
 
 def _copy_slice(host_wi, host_wo, expert, device: SingleDeviceSharding):
     """Expert `expert`'s weights from host memory to the device -> (wi [d, ff], wo [ff, d])."""
-    wi = jax.lax.dynamic_index_in_dim(host_wi, expert, keepdims=False)
-    wo = jax.lax.dynamic_index_in_dim(host_wo, expert, keepdims=False)
-    return jax.device_put(wi, device), jax.device_put(wo, device)
+    return jax.tree.map(
+        lambda stack: jax.device_put(jax.lax.dynamic_index_in_dim(stack, expert, keepdims=False), device),
+        (host_wi, host_wo))
+
+
+def zero_tables(host_wi, host_wo, k: int | None, device: SingleDeviceSharding):
+    """Zeroed device tables shaped like k experts of the stacks (k None: one expert, no leading axis)."""
+    lead = () if k is None else (k,)
+    return jax.tree.map(lambda stack: jax.device_put(jnp.zeros(lead + stack.shape[1:], stack.dtype), device),
+                        (host_wi, host_wo))
 
 
 def copy_expert(host_wi, host_wo, expert, device: SingleDeviceSharding):
     """One expert's weights from host memory to the device, or zeros (no copy) when expert < 0."""
 
     def skip(_):
-        return (jax.device_put(jnp.zeros(host_wi.shape[1:], host_wi.dtype), device),
-                jax.device_put(jnp.zeros(host_wo.shape[1:], host_wo.dtype), device))
+        return zero_tables(host_wi, host_wo, None, device)
 
     return jax.lax.cond(expert >= 0, lambda e: _copy_slice(host_wi, host_wo, e, device), skip, expert)
 
@@ -89,7 +99,7 @@ def _ids_to_copy(decision, k, exclude):
 def _copy_each_slot(host_wi, host_wo, ids, device):
     """Slot by slot, a static loop -> wi [k, d, ff], wo [k, ff, d] (zeros in empty slots)."""
     pairs = [copy_expert(host_wi, host_wo, ids[j], device) for j in range(ids.shape[0])]
-    return jnp.stack([p[0] for p in pairs]), jnp.stack([p[1] for p in pairs])
+    return jax.tree.map(lambda *rows: jnp.stack(rows), *pairs)
 
 
 # `compact` (prefill) copies in a loop over the routed experts only: with ~half of 128 experts routed, one
@@ -104,13 +114,10 @@ def _copy_valid_slots(host_wi, host_wo, ids, device):
     """ids [k], valid first: copies exactly the valid ones, slot j <- expert ids[j]; the rest stay 0."""
 
     def copy_one(j, tables):
-        wi, wo = tables
-        new_wi, new_wo = _copy_slice(host_wi, host_wo, ids[j], device)
-        return (jax.lax.dynamic_update_index_in_dim(wi, new_wi, j, 0),
-                jax.lax.dynamic_update_index_in_dim(wo, new_wo, j, 0))
+        new = _copy_slice(host_wi, host_wo, ids[j], device)
+        return jax.tree.map(lambda table, row: jax.lax.dynamic_update_index_in_dim(table, row, j, 0), tables, new)
 
-    zeros = lambda a: jax.device_put(jnp.zeros((ids.shape[0],) + a.shape[1:], a.dtype), device)  # noqa: E731
-    return jax.lax.fori_loop(0, jnp.sum(ids >= 0), copy_one, (zeros(host_wi), zeros(host_wo)))
+    return jax.lax.fori_loop(0, jnp.sum(ids >= 0), copy_one, zero_tables(host_wi, host_wo, ids.shape[0], device))
 
 
 # --- the two copy methods behind one interface ------------------------------------------------------
@@ -148,15 +155,15 @@ class CopyQueue:
               compact: bool = False):
         """Starts copying the experts `decision` needs into a fresh k-slot table (see `fetch_decision`).
 
-        block: anything with `host_wi`, `host_wo` (the [E, ...] host stacks) and `host_stacks` (their
-        `native.HostStack`s, for "dma"). -> (PendingSlots, experts copied [int32]).
+        block: anything with `host_wi`, `host_wo` (the [E, ...] host stacks) and `host_stacks` (a
+        `native.HostStack` per leaf of the two, for "dma"). -> (PendingSlots, experts copied [int32]).
         """
         if method == "xla":
             slots, copied = fetch_decision(block.host_wi, block.host_wo, decision, k, self.device, exclude,
                                            compact=compact)
             return self._record(PendingSlots(slots)), copied
         _check_method(method)
-        pending, copied = _dma_start(block.host_stacks, decision, k, exclude, self._behind())
+        pending, copied = _dma_start(block.host_stacks, _layout(block), decision, k, exclude, self._behind())
         return self._record(pending), copied
 
     def start_ids(self, method: str, block, ids: Array):
@@ -166,7 +173,7 @@ class CopyQueue:
             slots, copied = fetch_ids(block.host_wi, block.host_wo, ids, self.device)
             return self._record(PendingSlots(slots)), copied
         _check_method(method)
-        pending, copied = _dma_start_ids(block.host_stacks, ids, self._behind())
+        pending, copied = _dma_start_ids(block.host_stacks, _layout(block), ids, self._behind())
         return self._record(pending), copied
 
     def finish(self, pending: PendingSlots, *after) -> ExpertSlots:
@@ -190,6 +197,11 @@ class CopyQueue:
         raise ValueError("finish() got a fetch this queue did not start")
 
 
+def _layout(block):
+    """The tree structure of a block's (wi, wo): how the native copies' flat tables regroup."""
+    return jax.tree.structure((block.host_wi, block.host_wo))
+
+
 def _traced(token) -> bool:
     return isinstance(token, jax.core.Tracer)
 
@@ -199,15 +211,16 @@ def _check_method(method: str):
         raise ValueError(f"unknown copy method {method!r}; choose one of {COPY_METHODS}")
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2))
-def _dma_start(stacks, decision, k, exclude, after):
+@functools.partial(jax.jit, static_argnums=(0, 1, 3))
+def _dma_start(stacks, layout, decision, k, exclude, after):
     ids = _ids_to_copy(decision, k, exclude)  # [k] ascending: consecutive experts become one transfer
-    return _dma_start_ids(stacks, ids, after)
+    return _dma_start_ids(stacks, layout, ids, after)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _dma_start_ids(stacks, ids, after):
-    (wi, wo), token = native.fetch_start(ids, list(stacks), *after)
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _dma_start_ids(stacks, layout, ids, after):
+    tables, token = native.fetch_start(ids, list(stacks), *after)  # one table per leaf of (wi, wo)
+    wi, wo = jax.tree.unflatten(layout, tables)
     return PendingSlots(ExpertSlots(wi, wo, ids), token), jnp.sum(ids >= 0).astype(jnp.int32)
 
 
@@ -221,8 +234,9 @@ def finish_fetch(pending: PendingSlots, *after) -> ExpertSlots:
 
 
 def _dma_done(pending, *after):
-    wi, wo = native.fetch_done([pending.slots.wi, pending.slots.wo], pending.slots.expert_ids, pending.token,
-                               *after)
+    tables, layout = jax.tree.flatten((pending.slots.wi, pending.slots.wo))
+    tables = native.fetch_done(tables, pending.slots.expert_ids, pending.token, *after)
+    wi, wo = jax.tree.unflatten(layout, tables)
     return ExpertSlots(wi, wo, pending.slots.expert_ids)
 
 
@@ -232,8 +246,8 @@ _dma_finish = jax.jit(_dma_done, donate_argnums=0)  # donated: the tables' buffe
 @functools.partial(jax.jit, static_argnums=(2, 3, 4))
 def fetch_range(host_wi, host_wo, start: int, size: int, device: SingleDeviceSharding) -> ExpertSlots:
     """A contiguous range of experts [start, start + size) in one copy (full-bandwidth path)."""
-    wi = jax.device_put(jax.lax.slice_in_dim(host_wi, start, start + size), device)
-    wo = jax.device_put(jax.lax.slice_in_dim(host_wo, start, start + size), device)
+    wi, wo = jax.tree.map(lambda stack: jax.device_put(jax.lax.slice_in_dim(stack, start, start + size), device),
+                          (host_wi, host_wo))
     return ExpertSlots(wi, wo, jnp.arange(start, start + size, dtype=jnp.int32))
 
 
@@ -248,8 +262,7 @@ def merge_slots(a: ExpertSlots, b: ExpertSlots) -> ExpertSlots:
 
 @jax.jit
 def _merge(a, b):
-    return ExpertSlots(jnp.concatenate([a.wi, b.wi]), jnp.concatenate([a.wo, b.wo]),
-                       jnp.concatenate([a.expert_ids, b.expert_ids]))
+    return jax.tree.map(lambda x, y: jnp.concatenate([x, y]), a, b)
 
 
 needed_experts_jit = jax.jit(needed_experts, static_argnums=1)

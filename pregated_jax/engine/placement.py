@@ -18,6 +18,7 @@ from jax.sharding import SingleDeviceSharding
 from pregated_jax.model import Block, CrossKV, SwitchTransformer, lm_logits, self_attention_bias
 from pregated_jax.moe import ExpertSlots
 from pregated_jax.native import HostStack
+from pregated_jax.quant import DEFAULT_GROUP_SIZE, QuantizedExperts, as_format
 from pregated_jax.routing import decide
 
 Array = jax.Array
@@ -74,13 +75,15 @@ class BlockProgram:
     state: nnx.State  # non-expert weights and RNG state, on the device
     placeholder: nnx.State  # tiny stand-ins for the expert weights (they travel separately)
     is_sparse: bool = struct.field(pytree_node=False)
-    host_wi: Array | None = None  # [E, d, ff] in host memory
-    host_wo: Array | None = None  # [E, ff, d]
+    host_wi: Array | QuantizedExperts | None = None  # [E, d, ff] in host memory, in the engine's expert format
+    host_wo: Array | QuantizedExperts | None = None  # [E, ff, d]
     router_classifier: Array | None = None  # [d, E] own gate, on the device (speculative prediction)
-    host_stacks: tuple[HostStack, HostStack] | None = struct.field(pytree_node=False, default=None)
+    # one per leaf of (host_wi, host_wo), in `jax.tree.leaves` order
+    host_stacks: tuple[HostStack, ...] | None = struct.field(pytree_node=False, default=None)
 
     @classmethod
-    def from_block(cls, block: Block, mem: Memories, dtype) -> "BlockProgram":
+    def from_block(cls, block: Block, mem: Memories, dtype, expert_dtype: str = "bfloat16",
+                   group_size: int = DEFAULT_GROUP_SIZE) -> "BlockProgram":
         graphdef, experts, rest = nnx.split(block, _is_expert_weight, ...)
         rest = jax.device_put(rest, mem.on_device)
         placeholder = jax.tree.map(lambda _: jnp.zeros((0,), dtype), experts)
@@ -89,11 +92,12 @@ class BlockProgram:
             return cls(graphdef, rest, placeholder, False)
         put = lambda a, where: jax.device_put(a, where)  # noqa: E731
         router = None if block.router is None else put(block.router.classifier[...], mem.on_device)
-        host_wi = put(block.experts.wi[...].astype(dtype), mem.on_host)
-        host_wo = put(block.experts.wo[...].astype(dtype), mem.on_host)
-        # addresses for the native copies (not in gpu-only mode, whose stacks are on the device); this
-        # program keeps the arrays alive
-        stacks = (HostStack.of(host_wi), HostStack.of(host_wo)) if HostStack.readable(host_wi) else None
+        host_wi = put(as_format(block.experts.wi[...], expert_dtype, group_size, dtype, "experts.wi"), mem.on_host)
+        host_wo = put(as_format(block.experts.wo[...], expert_dtype, group_size, dtype, "experts.wo"), mem.on_host)
+        # addresses for the native copies, every leaf (not in gpu-only mode, whose stacks are on the device);
+        # this program keeps the arrays alive
+        leaves = jax.tree.leaves((host_wi, host_wo))
+        stacks = tuple(HostStack.of(a) for a in leaves) if HostStack.readable(leaves[0]) else None
         return cls(graphdef, rest, placeholder, True, host_wi, host_wo, router, stacks)
 
     @property
@@ -102,7 +106,8 @@ class BlockProgram:
 
     @property
     def expert_bytes(self) -> int:
-        return (self.host_wi[0].size + self.host_wo[0].size) * self.host_wi.dtype.itemsize
+        """Bytes one expert takes in host memory and in a copy: every leaf's row (values and scales)."""
+        return sum(a.nbytes // a.shape[0] for a in jax.tree.leaves((self.host_wi, self.host_wo)))
 
     def attend_and_route(self, x, bias, decision=None, cross=None, cross_bias=None, cache=None,
                          cache_index=None):
@@ -145,10 +150,11 @@ class StackProgram:
     kind: str = struct.field(pytree_node=False)
 
     @classmethod
-    def from_stack(cls, stack, mem: Memories, dtype) -> "StackProgram":
+    def from_stack(cls, stack, mem: Memories, dtype, expert_dtype: str = "bfloat16",
+                   group_size: int = DEFAULT_GROUP_SIZE) -> "StackProgram":
         bias_gd, bias_state = nnx.split(stack.relative_bias)
         norm_gd, norm_state = nnx.split(stack.final_norm)
-        blocks = [BlockProgram.from_block(b, mem, dtype) for b in stack.blocks]
+        blocks = [BlockProgram.from_block(b, mem, dtype, expert_dtype, group_size) for b in stack.blocks]
         return cls(Static(bias_gd), jax.device_put(bias_state, mem.on_device), Static(norm_gd),
                    jax.device_put(norm_state, mem.on_device), blocks, stack.kind)
 
@@ -186,14 +192,16 @@ class ModelProgram:
     mem: Memories = struct.field(pytree_node=False)
 
     @classmethod
-    def from_model(cls, model: SwitchTransformer, mem: Memories | None = None) -> "ModelProgram":
+    def from_model(cls, model: SwitchTransformer, mem: Memories | None = None, expert_dtype: str = "bfloat16",
+                   group_size: int = DEFAULT_GROUP_SIZE) -> "ModelProgram":
+        """expert_dtype, group_size: the experts' format in host memory (`quant`)."""
         mem = mem or Memories.for_device()
         cfg = model.config
         dtype = jnp.dtype(cfg.dtype)
         lm_head = None if cfg.tie_word_embeddings else jax.device_put(model.lm_head[...], mem.on_device)
         return cls(cfg, jax.device_put(model.shared[...], mem.on_device), lm_head,
-                   StackProgram.from_stack(model.encoder, mem, dtype),
-                   StackProgram.from_stack(model.decoder, mem, dtype), mem)
+                   StackProgram.from_stack(model.encoder, mem, dtype, expert_dtype, group_size),
+                   StackProgram.from_stack(model.decoder, mem, dtype, expert_dtype, group_size), mem)
 
     def embed(self, ids):
         return _embed(self.shared, ids, self.config.dtype)

@@ -28,7 +28,9 @@ class StackPass:
         self.engine, self.run, self.sp = engine, run, sp
         e = engine.num_experts
         self.k = min(e, x.shape[0] * x.shape[1])  # slots a routed copy needs: at most one per token
-        self.dense = 2 * self.k >= e  # the call needs most experts of a block (prefill)
+        # the call needs most experts of a block (prefill), or its routed tables would not fit the device
+        # budget: either way whole blocks are copied, in chunks under a budget
+        self.dense = 2 * self.k >= e or engine.tables_exceed_budget(self.k)
         self.capacity = engine.model_config.capacity(x.shape[1])
 
     def __call__(self, x, bias, *, cross=None, cross_bias=None, caches=None, cache_index=None):

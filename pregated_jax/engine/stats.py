@@ -50,6 +50,7 @@ class RunStats:
     track_memory: bool = False
     profile_blocks: bool = False
     copy_method: str | None = None  # "xla" or "dma", and the method of speculative misses if different
+    expert_dtype: str = "bfloat16"  # the experts' format in host memory and in copies; expert_bytes is its size
     _cache_baseline: tuple = (0, 0)
     _cache_at_prefill: tuple = (0, 0)
     _prefill_mark: int = 0
@@ -61,7 +62,7 @@ class RunStats:
     @classmethod
     def start(cls, engine, batch, beams, input_len, max_new_tokens) -> "RunStats":
         stats = cls(engine.config.mode, batch, beams, input_len, max_new_tokens, engine.expert_bytes,
-                    copy_method=_copy_methods(engine))
+                    copy_method=_copy_methods(engine), expert_dtype=engine.config.expert_dtype)
         stats._cache_baseline = _cache_counters(engine)  # caches persist across runs
         return stats
 
@@ -144,7 +145,8 @@ class RunStats:
             ("input tokens", self.input_len), ("new tokens", d["new_tokens"]),
             ("prefill latency", f"{self.prefill_s * 1e3:.1f} ms"),
             ("decode", _rate(d["decode_tokens_per_s"])), ("end-to-end", _rate(d["end_to_end_tokens_per_s"])),
-            ("experts copied", f"{self.experts_copied} ({self.bytes_moved / 1e9:.3f} GB)"),
+            ("experts copied", f"{self.experts_copied} x {self.expert_bytes / 1e6:.3f} MB {self.expert_dtype} "
+                               f"({self.bytes_moved / 1e9:.3f} GB)"),
             ("host->device", f"{d['h2d_gb_per_s']:.2f} GB/s" if d["h2d_gb_per_s"] else "-"),
             ("peak device memory", f"{self.peak_device_bytes / 2**30:.2f} GiB" if self.peak_device_bytes else "n/a"),
             ("cache hit rate", _pct(d["cache_hit_rate"])), ("speculative hit rate", _pct(d["speculative_hit_rate"])),

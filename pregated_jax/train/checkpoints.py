@@ -12,6 +12,8 @@ leaves no partial step that a restart could pick up; we rely on that instead of 
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +36,20 @@ class CheckpointStore:
     """A `ocp.CheckpointManager` with async saves, keeping the last `keep` steps."""
 
     def __init__(self, directory: str | Path, keep: int, async_save: bool = True):
+        """Raises an OSError naming `directory` and the cause when it cannot be created or written to
+        (checked here, before any training, by creating and removing a probe folder in it)."""
         self.directory = Path(directory)
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                               create=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers())
+        # Step folders are created on the calling thread. When Orbax creates them in a background thread
+        # and that fails, its other save threads wait 300 s for the folder's signal and hold up the
+        # process's exit; created here, a failure raises from `save` and leaves no thread waiting.
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+            async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
+        try:
+            self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers())
+            os.rmdir(tempfile.mkdtemp(prefix=".write-probe-", dir=self.directory))
+        except OSError as e:
+            raise type(e)(f"cannot write checkpoints to {self.directory}: {e}") from e
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -48,7 +60,10 @@ class CheckpointStore:
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   params=ocp.args.StandardSave(state["params"]),
                                   config=ocp.args.JsonSave(config))
-        self.manager.save(step, args=args, force=True)
+        try:
+            self.manager.save(step, args=args, force=True)
+        except OSError as e:
+            raise type(e)(f"cannot save checkpoint step {step} to {self.directory}: {e}") from e
 
     def restore(self, step: int, target: dict) -> dict:
         """The state saved at `step`, restored into the structure, shapes and dtypes of `target`.
@@ -65,7 +80,11 @@ class CheckpointStore:
         return state
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Waits for an in-flight save; an OSError from it names the checkpoint folder."""
+        try:
+            self.manager.wait_until_finished()
+        except OSError as e:
+            raise type(e)(f"cannot save a checkpoint to {self.directory}: {e}") from e
 
     def close(self) -> None:
         self.manager.close()

@@ -1,14 +1,15 @@
 """Training configuration: frozen dataclasses, and the two front-ends that resolve into them.
 
-`TrainConfig` nests one dataclass per concern (model, optimizer, training loop, data, init). Library code
+`TrainConfig` nests one dataclass per concern (model, optimizer, training loop, data, init, mesh). Library code
 takes only these dataclasses; the front-ends live here so that tests and scripts share them:
 
 - `config_from_py(path, overrides)`: a Python file exposing `get_config() -> TrainConfig`, plus dotted
   overrides `{"optimizer.learning_rate": "3e-4"}` parsed with the field's type (big_vision / ml_collections
   style). `model.overrides.<SwitchConfig field>` sets one model field.
 - `config_from_gin(files, bindings)`: gin files and `NAME=VALUE` bindings over the configurables
-  `ModelConfig`, `OptimizerConfig`, `TrainingConfig`, `DataConfig`, `InitConfig` (t5x style); gin's own
-  errors name unknown configurables and parameters. gin is imported only here, only when used.
+  `ModelConfig`, `OptimizerConfig`, `TrainingConfig`, `DataConfig`, `InitConfig`, `MeshConfig` (t5x
+  style); gin's own errors name unknown configurables and parameters. gin is imported only here, only when
+  used.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
-from pregated_jax.config import PRESETS, SwitchConfig, get_preset
+from pregated_jax.config import PRESETS, SwitchConfig, check_field_types, get_preset
+from pregated_jax.mesh import MeshConfig
 
 _SWITCH_FIELDS = {f.name for f in dataclasses.fields(SwitchConfig)}
 
@@ -41,6 +43,7 @@ class ModelConfig:
     overrides: dict = dataclasses.field(default_factory=dict)  # SwitchConfig field -> value
 
     def __post_init__(self):
+        check_field_types(self)
         if self.preset not in PRESETS:
             raise ValueError(f"ModelConfig.preset {self.preset!r} is unknown; known: {sorted(PRESETS)}")
         unknown = sorted(set(self.overrides) - _SWITCH_FIELDS)
@@ -62,6 +65,7 @@ class OptimizerConfig:
     grad_clip_norm: float | None = None  # global-norm clipping before the optimizer; None: off
 
     def __post_init__(self):
+        check_field_types(self)
         _check_choice("OptimizerConfig", "name", self.name, ("adafactor", "adamw"))
         _check_choice("OptimizerConfig", "schedule", self.schedule, ("constant", "linear_warmup_rsqrt", "cosine"))
         if self.warmup_steps < 0 or self.learning_rate <= 0:
@@ -83,6 +87,7 @@ class TrainingConfig:
     tensorboard: bool = True  # also write TensorBoard events (needs the `tensorboard` package)
 
     def __post_init__(self):
+        check_field_types(self)  # e.g. gin's num_steps='abc', before the comparisons below
         for name in ("batch_size", "max_input_len", "max_target_len", "eval_every", "eval_steps",
                      "checkpoint_every", "keep_checkpoints", "log_every"):
             if getattr(self, name) <= 0:
@@ -104,11 +109,17 @@ class DataConfig:
     data_dir: str | None = None  # TFDS data_dir / Debian data folder; None: default
     eval_split: str | None = None  # None: the task's usual evaluation split
 
+    def __post_init__(self):
+        check_field_types(self)
+
 
 @dataclasses.dataclass(frozen=True)
 class InitConfig:
     from_checkpoint: str | None = None  # a Hugging Face dir, one of our workdirs / step dirs, or None
     convert_to_pregated: bool = False  # after loading, add pre-gates (`pregated_jax.convert.to_pregated`)
+
+    def __post_init__(self):
+        check_field_types(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +129,7 @@ class TrainConfig:
     training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     init: InitConfig = dataclasses.field(default_factory=InitConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)  # device mesh; default one device
 
     def model_config(self) -> SwitchConfig:
         """The SwitchConfig of a fresh model (a checkpoint may supply its own instead)."""
@@ -139,7 +151,7 @@ class TrainConfig:
 
 
 _SECTIONS = {"model": ModelConfig, "optimizer": OptimizerConfig, "training": TrainingConfig,
-             "data": DataConfig, "init": InitConfig}
+             "data": DataConfig, "init": InitConfig, "mesh": MeshConfig}
 
 
 # --- Python config files and dotted overrides ----------------------------------------------------

@@ -19,9 +19,9 @@ import json
 import logging
 import math
 import numbers
-import sys
+import os
+import socket
 import time
-import types
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -33,6 +33,8 @@ from flax import nnx, struct
 from tqdm import tqdm
 
 from pregated_jax.config import SwitchConfig
+from pregated_jax.expert_parallel import batch_sharding, expert_state_shardings, replicated, shard_model
+from pregated_jax.mesh import MeshConfig
 from pregated_jax.model import SwitchTransformer, router_loss
 from pregated_jax.train.checkpoints import (CHECKPOINT_SUBDIR, CheckpointStore, load_run_config,
                                             model_from_params, restore_model, step_dir)
@@ -188,18 +190,28 @@ class MetricsWriter:
     """Appends `{"step", **metrics}` lines to <workdir>/metrics.jsonl (always) and, with `tensorboard`
     set, writes the numeric metrics as TensorBoard scalars to an event file in <workdir>/tensorboard/.
 
-    The events need the `tensorboard` package only (neither TensorFlow nor tensorboardX); view them with
-    `tensorboard --logdir <workdir>/tensorboard`. Without `tensorboard` installed, one warning is logged
-    and only metrics.jsonl is written. Non-numeric metrics (and bools) go to metrics.jsonl only. Each run
-    (a resume too) adds its own event file to the directory.
+    `start_step`: the step the run starts from (the restored checkpoint's). Lines of an earlier run with a
+    later step (written between that checkpoint and a kill, and about to be written again) are dropped
+    from metrics.jsonl, as is a line cut short by the kill, so the file keeps one line per step and kind.
+    The event file starts with a TensorBoard restart marker (`SessionLog.START` at `start_step + 1`), so
+    TensorBoard likewise discards the earlier run's scalars after `start_step`.
+
+    The events are written with the `tensorboard` package's protobufs and record framing only (neither
+    TensorFlow nor tensorboardX, no module replaced); view them with `tensorboard --logdir
+    <workdir>/tensorboard`. Without `tensorboard` installed, one warning is logged and only metrics.jsonl is
+    written. Non-numeric metrics (and bools) go to metrics.jsonl only. Each run (a resume too) adds its own
+    event file to the directory.
     """
 
-    def __init__(self, workdir: Path, tensorboard: bool):
-        self.file = open(workdir / "metrics.jsonl", "a")
+    def __init__(self, workdir: Path, tensorboard: bool, start_step: int = 0):
+        path = workdir / "metrics.jsonl"
+        if path.exists():
+            _keep_lines_up_to(path, start_step)
+        self.file = open(path, "a")
         self.tb = None
         if tensorboard:
             try:
-                self.tb = _TensorBoardScalars(workdir / "tensorboard")
+                self.tb = _TensorBoardScalars(workdir / "tensorboard", start_step)
             except ImportError as err:
                 _log.warning("no TensorBoard events: the `tensorboard` package is missing (%s); "
                              "writing metrics.jsonl only (pip install tensorboard)", err)
@@ -217,28 +229,60 @@ class MetricsWriter:
             self.tb.close()
 
 
+def _keep_lines_up_to(path: Path, step: int) -> None:
+    """Rewrites metrics.jsonl (atomically) without the lines whose step is after `step` or that do not parse."""
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a kill mid-write
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
+_EVENT_FILE_UIDS = itertools.count()
+
+
 class _TensorBoardScalars:
-    """Scalar summaries (`simple_value`) in a TensorBoard event file, with the `tensorboard` package alone.
+    """Scalar summaries (`simple_value`) in a TensorBoard event file: `Event` protobufs in TFRecord framing,
+    from the `tensorboard` package alone (its writer would do its file I/O through TensorFlow when that is
+    importable: seconds of import for a local file). Raises ImportError without the package."""
 
-    Raises ImportError without it."""
-
-    def __init__(self, logdir: Path):
+    def __init__(self, logdir: Path, start_step: int = 0):
         from tensorboard.compat.proto import event_pb2, summary_pb2
-        from tensorboard.summary.writer.event_file_writer import EventFileWriter
-        if "tensorflow" not in sys.modules:
-            # tensorboard does its file I/O through TensorFlow whenever it can import it (seconds of import
-            # for a local file); this marker module is tensorboard's own switch to its built-in stub.
-            sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
+        from tensorboard.summary.writer.record_writer import RecordWriter
         self.event_pb2, self.summary_pb2 = event_pb2, summary_pb2
-        self.writer = EventFileWriter(str(logdir))  # creates logdir
+        logdir.mkdir(parents=True, exist_ok=True)
+        # TensorBoard's own file name pattern, events.out.tfevents.<time>.<host>.<pid>.<uid>, with a uid that
+        # grows within the process, so that two writers of one second neither collide nor read out of order.
+        while True:
+            name = (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}."
+                    f"{next(_EVENT_FILE_UIDS):06d}")
+            try:
+                file = open(logdir / name, "xb")
+                break
+            except FileExistsError:
+                continue
+        self.writer = RecordWriter(file)
+        self._add(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+        # A restart marker: TensorBoard drops the scalars of earlier event files with a step >= this one.
+        self._add(event_pb2.Event(wall_time=time.time(), step=start_step + 1,
+                                  session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+
+    def _add(self, event) -> None:
+        self.writer.write(event.SerializeToString())
+        self.writer.flush()  # as metrics.jsonl: visible at once, nothing lost if the run dies
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         if not scalars:
             return
         summary = self.summary_pb2.Summary(value=[self.summary_pb2.Summary.Value(tag=k, simple_value=v)
                                                   for k, v in scalars.items()])
-        self.writer.add_event(self.event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
-        self.writer.flush()  # as metrics.jsonl: visible at once, nothing lost if the run dies
+        self._add(self.event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
 
     def close(self) -> None:
         self.writer.close()
@@ -292,6 +336,20 @@ def evaluate(eval_step, state: TrainState, batches: Iterable[Batch], limit: int)
 
 # --- the loop ----------------------------------------------------------------------------------------
 
+def init_opt_state(tx: optax.GradientTransformation, params: dict, mesh=None):
+    """`tx.init(params)`; on a mesh, the moments of the expert stacks are split on E like the stacks and the
+    rest is replicated (`expert_state_shardings`)."""
+    if mesh is None:
+        return tx.init(params)
+    return jax.jit(tx.init, out_shardings=expert_state_shardings(jax.eval_shape(tx.init, params), mesh))(params)
+
+
+def _with_batch_sharding(train_step, eval_step, sharding):
+    """The steps with each batch's rows split over the mesh (`sharding`) before the jitted call."""
+    return (lambda state, batch: train_step(state, jax.device_put(batch, sharding)),
+            lambda params, rngs, batch: eval_step(params, rngs, jax.device_put(batch, sharding)))
+
+
 def train_and_evaluate(config: TrainConfig, workdir: str | Path, train_batches=None, eval_batches=None, *,
                        eval_fn: Callable[[SwitchTransformer, int], dict] | None = None,
                        step_callback: Callable[[int, dict], None] | None = None) -> dict:
@@ -304,6 +362,9 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path, train_batches=N
     eval_fn: a hook `(eval-mode model, step) -> metrics` run at each evaluation (e.g. generation
         metrics); the model shares the train state's buffers, so don't keep it.
     step_callback: `(step, train metrics of that step) -> None` after each step (forces a host sync).
+    `config.mesh` other than one device: the model is placed with `pregated_jax.expert_parallel.shard_model`
+    (expert stacks and their optimizer moments split on E over `expert`, the rest replicated) and each batch's
+    rows are split over `data` x `expert`; the losses are those of the single-device step on the same batch.
     Returns the final metrics: {"step", "train/...", "eval/..."}.
     """
     workdir, t = Path(workdir), config.training
@@ -312,6 +373,12 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path, train_batches=N
     latest = store.latest_step()
     model = build_model(config, None if latest is None else step_dir(workdir / CHECKPOINT_SUBDIR / str(latest)))
     cfg = model.config
+    mesh = None if config.mesh == MeshConfig() else config.mesh.make()
+    if mesh is not None:  # data + expert parallel: experts split over `expert`, batches over both axes
+        if t.batch_size % mesh.size:
+            raise ValueError(f"TrainingConfig.batch_size {t.batch_size} must divide by the mesh's "
+                             f"{mesh.size} devices (data={mesh.shape['data']} x expert={mesh.shape['expert']})")
+        model = shard_model(model, mesh)
     model.train()
     train_def, params, rngs = nnx.split(model, nnx.Param, nnx.RngState)
     model.eval()
@@ -322,7 +389,12 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path, train_batches=N
     rngs = nnx.to_pure_dict(rngs)
     codec = RngCodec(rngs)
     tx, train_step, eval_step = _steps(train_def, eval_def, cfg, config.optimizer, t.num_steps, codec)
-    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), codec.encode(rngs))
+    step = jnp.zeros((), jnp.int32)
+    if mesh is not None:  # on the mesh like the rest of the state (a restore puts it where the target is)
+        step = jax.device_put(step, replicated(mesh))
+    state = TrainState(step, params, init_opt_state(tx, params, mesh), codec.encode(rngs))
+    if mesh is not None:
+        train_step, eval_step = _with_batch_sharding(train_step, eval_step, batch_sharding(mesh))
     if latest is not None:
         state = TrainState(**store.restore(latest, state.to_dict()))
     start = int(state.step)
@@ -334,7 +406,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path, train_batches=N
         eval_batches = default_eval if eval_batches is None else eval_batches
     batches = batches_from(train_batches, start)
     eval_source = eval_batches_view(eval_batches, t.eval_steps)
-    writer = MetricsWriter(workdir, t.tensorboard)
+    writer = MetricsWriter(workdir, t.tensorboard, start_step=start)
     bar = tqdm(total=t.num_steps, initial=start, desc="train", disable=None, dynamic_ncols=True)
     pending: list[dict] = []
     final: dict = {"step": start}
