@@ -32,7 +32,8 @@ import numpy as np
 from flax import nnx
 
 from pregated_jax.config import SwitchConfig
-from pregated_jax.model import SwitchTransformer, abstract_model, materialize, require_finite, routing_roles
+from pregated_jax.model import (SwitchTransformer, abstract_model, expert_memory_kind, materialize, require_finite,
+                                 routing_roles)
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 TORCH_BIN, TORCH_BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
@@ -253,21 +254,24 @@ def read_config(path: str | os.PathLike) -> SwitchConfig:
 
 
 def from_pretrained(path: str | os.PathLike, dtype: str | None = None, routing: str | None = None,
-                    seed: int = 0) -> SwitchTransformer:
+                    seed: int = 0, experts_on: str = "device") -> SwitchTransformer:
     """Loads a HF Switch checkpoint directory into a `SwitchTransformer` in eval mode.
 
     Params are float32 (converted from whatever the files hold). `dtype` ("float32"/"bfloat16") sets the
     config's compute dtype only; params stay float32 master copies. `routing` None keeps the routing
     recorded in config.json; "pregated" on a conventional checkpoint converts it
-    (`pregated_jax.convert.to_pregated`: each pre-gate starts as the next MoE block's gate); a pre-gated
+    (`pregated_jax.convert.pregated_params`: each pre-gate starts as the next MoE block's gate); a pre-gated
     checkpoint cannot be loaded as conventional. `seed` seeds the model's dropout/jitter RNG state.
+    `experts_on="host"` puts the expert stacks straight into host memory (`model.materialize`), where the
+    inference engine keeps them, so they never take device memory; "device" (default) puts them with the rest.
     Raises `CheckpointError` naming the missing/unexpected/misshaped tensor, bad config field or file.
     """
     directory = Path(path)
     from pregated_jax.t5x_checkpoint import is_t5x_checkpoint, load_t5x  # T5X directories have no config.json
 
     if is_t5x_checkpoint(directory):
-        return load_t5x(directory, dtype=dtype, routing=routing, seed=seed)
+        return load_t5x(directory, dtype=dtype, routing=routing, seed=seed, experts_on=experts_on)
+    memory_kind = expert_memory_kind(experts_on)
     config = read_config(directory)
     if dtype is not None:
         if dtype not in ("float32", "bfloat16"):
@@ -314,12 +318,11 @@ def from_pretrained(path: str | os.PathLike, dtype: str | None = None, routing: 
                 tensors.get(name).astype(np.float32), params[("shared",)]):
             raise CheckpointError(f"{tensors.where(name)}: tensor {name!r} differs from 'shared.weight'; "
                                   "separate input/output embeddings are not supported")
-    model = materialize(model, params, seed)
-    if convert:
-        from pregated_jax.convert import to_pregated
+    if convert:  # straight to the pre-gated model: each pre-gate starts as the next MoE block's gate
+        from pregated_jax.convert import pregated_params
 
-        model = to_pregated(model, seed)
-    return model
+        model, params = abstract_model(config.replace(routing="pregated")), pregated_params(config, params)
+    return materialize(model, params, seed, memory_kind)
 
 
 def hf_state_dict(model: SwitchTransformer) -> dict[str, np.ndarray]:
@@ -328,6 +331,10 @@ def hf_state_dict(model: SwitchTransformer) -> dict[str, np.ndarray]:
     config = model.config
     layout, _ = _checked_layout(config, model)
     values = {p: np.asarray(v.get_value(), np.float32) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    for path_, module in nnx.iter_modules(model):  # expert stacks in the router's (logical) order, whatever the
+        if getattr(module, "phys_of_logical", None) is not None:  # placement (`expert_placement`)
+            rows = np.asarray(module.phys_of_logical)
+            values[(*path_, "wi")], values[(*path_, "wo")] = values[(*path_, "wi")][rows], values[(*path_, "wo")][rows]
     out = {}
     for path_, (kind, names) in layout.items():
         value = values[path_]

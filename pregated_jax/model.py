@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
+from jax.sharding import SingleDeviceSharding
 
 from pregated_jax.config import SwitchConfig
 from pregated_jax.layers import (Attention, DenseFFN, RelativePositionBias, RMSNorm, causal,
@@ -335,10 +336,49 @@ def param_shapes(config: SwitchConfig) -> dict[tuple, tuple[int, ...]]:
     return {path: tuple(v.get_value().shape) for path, v in nnx.to_flat_state(state)}
 
 
-def materialize(model: SwitchTransformer, params: dict[tuple, Array], seed: int = 0) -> SwitchTransformer:
+EXPERTS_ON = ("device", "host")
+
+
+def is_expert_param(path: tuple) -> bool:
+    """Whether a flat param path names an expert stack (`Experts.wi` [E, d, ff] or `Experts.wo` [E, ff, d])."""
+    return len(path) >= 2 and path[-2] == "experts" and path[-1] in ("wi", "wo")
+
+
+def host_memory_kind(device: jax.Device | None = None) -> str:
+    """The memory kind expert stacks are kept in on `device` when they stay off it: pinned host memory where
+    the device has it (GPU, TPU and the CPU backend do), else the device's default memory. The inference
+    engine (`pregated_jax.engine.placement.Memories`) uses the same kind."""
+    device = device or jax.devices()[0]
+    kinds = {m.kind for m in device.addressable_memories()}
+    return "pinned_host" if "pinned_host" in kinds else device.default_memory().kind
+
+
+def expert_memory_kind(experts_on: str, device: jax.Device | None = None) -> str | None:
+    """The loaders' `experts_on` as a memory kind for `materialize`: "device" -> None (the default memory, as
+    every other param), "host" -> `host_memory_kind`."""
+    if experts_on not in EXPERTS_ON:
+        raise ValueError(f"experts_on must be one of {', '.join(EXPERTS_ON)}, got {experts_on!r}")
+    return host_memory_kind(device) if experts_on == "host" else None
+
+
+def materialize(model: SwitchTransformer, params: dict[tuple, Array], seed: int = 0,
+                expert_memory_kind: str | None = None) -> SwitchTransformer:
     """Fills an abstract model (see `abstract_model`) in place with `params` (flat path -> array) and
     fresh RNG state seeded from `seed`; returns it in eval mode. Every param must be given, with its
-    declared shape."""
+    declared shape.
+
+    Params go to the default device's default memory, except expert stacks (`is_expert_param`, plain or
+    `QuantizedExperts`) when `expert_memory_kind` is given (e.g. "pinned_host", `host_memory_kind`): those are
+    put straight into that memory of the default device, so a numpy stack never passes through device memory.
+    The inference engine takes such stacks as they are; other uses (calling the model) are up to the backend."""
+    target = None
+    if expert_memory_kind is not None:
+        device = jax.devices()[0]
+        kinds = sorted(m.kind for m in device.addressable_memories())
+        if expert_memory_kind not in kinds:
+            raise ValueError(f"expert_memory_kind {expert_memory_kind!r} is not a memory of {device} "
+                             f"(it has {', '.join(kinds)})")
+        target = SingleDeviceSharding(device, memory_kind=expert_memory_kind)
     state = nnx.state(model)
     flat = dict(nnx.to_flat_state(state))
     expected = {p for p, v in flat.items() if isinstance(v, nnx.Param)}
@@ -349,7 +389,10 @@ def materialize(model: SwitchTransformer, params: dict[tuple, Array], seed: int 
     out, base = {}, jax.random.key(seed)
     for i, (path, var) in enumerate(flat.items()):
         if isinstance(var, nnx.Param):
-            value = jax.tree.map(jnp.asarray, params[path])  # an array, or a quantized expert stack's leaves
+            if target is not None and is_expert_param(path):
+                value = jax.tree.map(lambda a: jax.device_put(a, target), params[path])
+            else:
+                value = jax.tree.map(jnp.asarray, params[path])  # an array, or a quantized expert stack's leaves
             want = var.get_value().shape
             if value.shape != want:
                 raise ValueError(f"param {'.'.join(map(str, path))}: expected shape {want}, got {value.shape}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx, struct
 
 from pregated_jax.config import SwitchConfig
@@ -31,12 +32,34 @@ class Experts(nnx.Module):
         # `pregated_jax.expert_parallel.ExpertParallel` once the model is placed on a mesh of several devices
         # (`shard_model`); None: single-device dispatch.
         self.expert_parallel = None
+        # `pregated_jax.expert_placement`: the physical row of wi/wo holding each logical expert (a tuple of E
+        # ints), so that a placement can reorder the stacks over devices with the router unchanged; None: row e
+        # holds expert e.
+        self.phys_of_logical = None
+
+    def logical_weights(self):
+        """(wi [E, d, ff], wo [E, ff, d]) with row e holding logical expert e, whatever the placement."""
+        wi, wo = self.wi[...], self.wo[...]
+        if self.phys_of_logical is None:
+            return wi, wo
+        rows = np.asarray(self.phys_of_logical)  # [E]
+
+        def take(a):  # host data (numpy, or a jax array outside device memory) is gathered with numpy
+            on_device = isinstance(a, jax.Array) and a.sharding.memory_kind in (
+                None, next(iter(a.devices())).default_memory().kind)
+            return a[jnp.asarray(rows)] if on_device else np.asarray(a)[rows]
+
+        return jax.tree.map(take, wi), jax.tree.map(take, wo)
 
     def __call__(self, x: Array, decision: RouterDecision, slots: "ExpertSlots | None" = None) -> Array:
         """x [B, S, d] -> combine_weight * expert(x) where kept, else 0; [B, S, d].
 
-        `slots` replaces the stored weights (the inference engine passes device-resident copies).
+        `slots` replaces the stored weights (the inference engine passes device-resident copies, whose
+        `expert_ids` are logical).
         """
+        if slots is None and self.phys_of_logical is not None:  # logical expert ids -> physical rows
+            rows = jnp.asarray(self.phys_of_logical, jnp.int32)  # [E]
+            decision = decision.replace(expert_index=rows[decision.expert_index])
         if slots is None and self.expert_parallel is not None:
             return self.expert_parallel(x, decision, self.wi[...], self.wo[...], self.dtype, self.dropout)
         if slots is None:

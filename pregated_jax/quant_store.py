@@ -18,13 +18,12 @@ import os
 import tempfile
 from pathlib import Path
 
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
 
 from pregated_jax.config import SwitchConfig
-from pregated_jax.model import SwitchTransformer, abstract_model, materialize, require_finite
+from pregated_jax.model import SwitchTransformer, abstract_model, expert_memory_kind, materialize, require_finite
 from pregated_jax.quant import DEFAULT_GROUP_SIZE, FORMATS, QuantizedExperts, as_format
 
 STORE_FILE = "quantized.safetensors"
@@ -87,13 +86,17 @@ def store_format(path: str | os.PathLike) -> tuple[str, int]:
     return meta["expert_dtype"], int(meta["group_size"])
 
 
-def load_quantized(path: str | os.PathLike, dtype: str | None = None, seed: int = 0) -> SwitchTransformer:
+def load_quantized(path: str | os.PathLike, dtype: str | None = None, seed: int = 0,
+                   experts_on: str = "device") -> SwitchTransformer:
     """The model of a store, its experts as `QuantizedExperts` (eval mode). `dtype` sets the compute dtype.
+    `experts_on="host"` puts the quantized stacks straight into host memory, where the inference engine keeps
+    them (`model.materialize`); "device" (default) puts them with the rest.
     Errors name the file and the tensor that is missing, unexpected, misshaped or not finite."""
     from safetensors import safe_open
 
     directory = Path(path)
     file = directory / STORE_FILE
+    memory_kind = expert_memory_kind(experts_on)
     config = SwitchConfig(**json.loads((directory / "config.json").read_text()))
     if dtype is not None:
         config = config.replace(dtype=dtype)
@@ -120,7 +123,7 @@ def load_quantized(path: str | os.PathLike, dtype: str | None = None, seed: int 
             values, scales = get(f"{name}.values"), get(f"{name}.scales")
             if fmt == "float8_e4m3fn":
                 values = values.view(ml_dtypes.float8_e4m3fn)
-            q = QuantizedExperts(jnp.asarray(values), jnp.asarray(scales), fmt)
+            q = QuantizedExperts(values, scales, fmt)  # numpy: `materialize` places it
             if tuple(q.shape) != tuple(shape):
                 raise ValueError(f"{file}: tensor {name!r} holds experts of shape {tuple(q.shape)}, "
                                  f"expected {tuple(shape)}")
@@ -130,4 +133,4 @@ def load_quantized(path: str | os.PathLike, dtype: str | None = None, seed: int 
         raise ValueError(f"{file}: unexpected tensor(s) {sorted(unexpected)[:8]} for a model with this config.json")
     require_finite([(".".join(map(str, p)), v if isinstance(v, np.ndarray) else v.scales) for p, v in params.items()],
                    str(file))
-    return materialize(model, params, seed)
+    return materialize(model, params, seed, memory_kind)

@@ -52,7 +52,7 @@ from flax import nnx
 
 from pregated_jax.config import PRESETS, SwitchConfig, get_preset
 from pregated_jax.hf_checkpoint import CheckpointError
-from pregated_jax.model import SwitchTransformer, abstract_model, materialize, require_finite
+from pregated_jax.model import SwitchTransformer, abstract_model, expert_memory_kind, materialize, require_finite
 
 MSGPACK_FILE = "checkpoint"
 ORBAX_STATE = "state"  # the Orbax item that holds the train state in newer t5x checkpoints
@@ -389,23 +389,26 @@ def _resolve_config(config: SwitchConfig | str | os.PathLike | None, arrays: T5X
 # --- public API -------------------------------------------------------------------------------------
 
 def load_t5x(path: str | os.PathLike, config: SwitchConfig | str | os.PathLike | None = None,
-             dtype: str | None = None, routing: str | None = None, seed: int = 0) -> SwitchTransformer:
+             dtype: str | None = None, routing: str | None = None, seed: int = 0,
+             experts_on: str = "device") -> SwitchTransformer:
     """Loads a T5X checkpoint (step directory, or a model directory: its highest step) into a
     `SwitchTransformer` in eval mode, params float32 whatever the arrays' dtype.
 
     `config`: a SwitchConfig, a preset name, or a Hugging Face config.json (file or directory); None
     reads a config.json in the step directory or in `path`, else infers it from the arrays (`infer_config`).
     `dtype` sets the compute dtype. T5X checkpoints hold conventional models: `routing="pregated"` (or a
-    config whose routing is pregated, unless `routing="conventional"`) converts the model after loading
-    (`pregated_jax.convert.to_pregated`: each pre-gate starts as the next MoE block's gate). `seed` seeds
-    the RNG state. Raises CheckpointError naming the file, parameter and shape for missing, unexpected or
-    misshaped arrays, and what cannot be inferred when no config is given.
+    config whose routing is pregated, unless `routing="conventional"`) loads it as its pre-gated counterpart
+    (`pregated_jax.convert.pregated_params`: each pre-gate starts as the next MoE block's gate). `seed` seeds
+    the RNG state. `experts_on="host"` puts the expert stacks straight into host memory, where the inference
+    engine keeps them (`hf_checkpoint.from_pretrained`). Raises CheckpointError naming the file, parameter and
+    shape for missing, unexpected or misshaped arrays, and what cannot be inferred when no config is given.
     """
     directory = step_directory(path)
     if directory is None:
         raise CheckpointError(f"{path}: not a T5X checkpoint (neither it nor a checkpoint_<step>/ folder under it "
                               f"holds a msgpack '{MSGPACK_FILE}' file or an Orbax '{ORBAX_STATE}/' item with a "
                               "'target' tree)")
+    memory_kind = expert_memory_kind(experts_on)
     arrays = T5XArrays(directory)
     cfg = _resolve_config(config, arrays, Path(path))
     if dtype is not None:
@@ -437,9 +440,8 @@ def load_t5x(path: str | os.PathLike, config: SwitchConfig | str | os.PathLike |
             raise CheckpointError(f"{arrays.where(name)}: parameter {name!r} has shape {arrays.shape(name)}, "
                                   f"expected {want}")
     params = {ours: arrays.get(name, transpose) for ours, (name, transpose) in layout.items()}
-    model = materialize(model, params, seed)
-    if convert:
-        from pregated_jax.convert import to_pregated
+    if convert:  # straight to the pre-gated model: each pre-gate starts as the next MoE block's gate
+        from pregated_jax.convert import pregated_params
 
-        model = to_pregated(model, seed)
-    return model
+        model, params = abstract_model(cfg.replace(routing="pregated")), pregated_params(cfg, params)
+    return materialize(model, params, seed, memory_kind)

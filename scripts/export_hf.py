@@ -1,40 +1,13 @@
-"""Exports a checkpoint of ours (an Orbax training workdir or step folder) as a Hugging Face directory.
+"""`python scripts/export_hf.py` from a source checkout: the same as `python -m pregated_jax.export_hf` (the code is in
+pregated_jax/cli/export_hf.py)."""
 
-    python scripts/export_hf.py --checkpoint runs/debian --out exported/ [--spiece path/to/spiece.model]
-
-The output (config.json + model.safetensors, and the SentencePiece model) loads with
-`pregated_jax.from_pretrained`, `scripts/infer.py --checkpoint`, and, for conventional models,
-transformers' `SwitchTransformersForConditionalGeneration.from_pretrained`.
-"""
-
-from __future__ import annotations
-
-import argparse
-import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
 
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="training workdir, its checkpoints/ folder, or a step folder")
-    p.add_argument("--out", required=True)
-    p.add_argument("--spiece", help="SentencePiece model to ship with it (default: the bundled T5 vocabulary)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"),
-                   help="store the weights in this type (default: as the checkpoint holds them)")
-    args = p.parse_args(argv)
-
-    from pregated_jax.data.tokenizer import default_vocab_path
-    from pregated_jax.hf_checkpoint import save_pretrained
-    from pregated_jax.loading import load_model
-
-    model = load_model(args.checkpoint)
-    out = save_pretrained(model, args.out, dtype=args.dtype)
-    shutil.copyfile(args.spiece or default_vocab_path(), Path(out) / "spiece.model")
-    print(f"wrote {out}: {sorted(f.name for f in Path(out).iterdir())}")
-
+from pregated_jax.cli.export_hf import *  # noqa: E402,F401,F403  (its functions, for callers that load this file)
+from pregated_jax.cli.export_hf import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

@@ -220,6 +220,21 @@ def test_script_errors(evaluate_script, data_file, tmp_path, capsys):
     assert e.value.code == 2 and "invalid choice: 'nope'" in capsys.readouterr().err
 
 
+def test_script_turns_a_request_refused_for_memory_into_one_error_line(evaluate_script, data_file, tmp_path,
+                                                                      monkeypatch):
+    from pregated_jax import memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device: (1000, "test figure"))
+    with pytest.raises(SystemExit) as e:
+        evaluate_script.main(["--data_file", str(data_file), "--input_field", "document", "--target_field",
+                              "summary", "--max_examples", "2", "--workdir", str(tmp_path / "w")])
+    message = e.value.code  # a string: Python prints it to stderr and exits with status 1
+    assert isinstance(message, str) and "\n" not in message
+    assert re.match(r"error: this request \(batch 2, .*needs about .* but only .*1000 bytes\) is available "
+                    r"\(test figure\)", message)
+    assert not (tmp_path / "w").exists()
+
+
 @pytest.mark.parametrize("value, shown", [(None, "null"), (3, "3 (a number)"), (["a", "b"], '["a", "b"] (an array)')])
 def test_script_rejects_a_non_string_field_naming_file_and_line(evaluate_script, data_file, tmp_path, value, shown):
     """A null / number / list target (or input) is refused, not scored as its str() ("None", "3")."""

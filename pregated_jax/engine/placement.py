@@ -12,10 +12,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx, struct
 from jax.sharding import SingleDeviceSharding
 
-from pregated_jax.model import Block, CrossKV, SwitchTransformer, lm_logits, self_attention_bias
+from pregated_jax.model import (Block, CrossKV, SwitchTransformer, host_memory_kind, lm_logits,
+                                 self_attention_bias)
 from pregated_jax.moe import ExpertSlots
 from pregated_jax.native import HostStack
 from pregated_jax.quant import DEFAULT_GROUP_SIZE, QuantizedExperts, as_format
@@ -35,8 +37,7 @@ class Memories:
     @classmethod
     def for_device(cls, device: jax.Device | None = None) -> "Memories":
         device = device or jax.devices()[0]
-        kinds = {m.kind for m in device.addressable_memories()}
-        host = "pinned_host" if "pinned_host" in kinds else device.default_memory().kind
+        host = host_memory_kind(device)
         return cls(device, SingleDeviceSharding(device, memory_kind=device.default_memory().kind),
                    SingleDeviceSharding(device, memory_kind=host))
 
@@ -62,6 +63,34 @@ class Static:
 
 def _is_expert_weight(path, _value) -> bool:
     return len(path) >= 2 and path[-2] == "experts" and path[-1] in ("wi", "wo")
+
+
+def _in_host_memory(w, mem: Memories) -> bool:
+    """Whether every leaf of an expert stack is host data: numpy, or a jax array outside the device's own
+    memory (pinned host memory: a model loaded with `experts_on="host"`)."""
+    return all(isinstance(a, np.ndarray) or (isinstance(a, jax.Array)
+                                             and a.sharding.memory_kind != mem.on_device.memory_kind)
+               for a in jax.tree.leaves(w))
+
+
+def place_experts(w, mem: Memories, expert_dtype: str, group_size: int, dtype, name: str):
+    """An expert stack in the engine's format (`quant.as_format`), placed at `mem.on_host` (the device's memory
+    in gpu-only mode).
+
+    A stack on the host (numpy, or loaded with `experts_on="host"`) never goes through device memory as a
+    whole: one already at `mem.on_host` in the engine's format is kept as it is (no copy); otherwise it is read
+    into numpy and cast there (a quantization runs on the device a few experts at a time, `quant.quantize`),
+    then put at `mem.on_host`. No jitted operation runs on a stack in host memory. A stack on the device is
+    converted there and copied out."""
+    if not _in_host_memory(w, mem):
+        return jax.device_put(as_format(w, expert_dtype, group_size, dtype, name), mem.on_host)
+    in_place = all(isinstance(a, jax.Array) and a.sharding == mem.on_host for a in jax.tree.leaves(w))
+    if in_place and isinstance(w, QuantizedExperts):
+        return as_format(w, expert_dtype, group_size, dtype, name)  # checks the stored format; no copy
+    if in_place and expert_dtype == "bfloat16" and w.dtype == dtype:
+        return w
+    w = jax.tree.map(np.asarray, w)
+    return jax.device_put(as_format(w, expert_dtype, group_size, dtype, name), mem.on_host)
 
 
 @struct.dataclass
@@ -92,8 +121,9 @@ class BlockProgram:
             return cls(graphdef, rest, placeholder, False)
         put = lambda a, where: jax.device_put(a, where)  # noqa: E731
         router = None if block.router is None else put(block.router.classifier[...], mem.on_device)
-        host_wi = put(as_format(block.experts.wi[...], expert_dtype, group_size, dtype, "experts.wi"), mem.on_host)
-        host_wo = put(as_format(block.experts.wo[...], expert_dtype, group_size, dtype, "experts.wo"), mem.on_host)
+        wi, wo = block.experts.logical_weights()  # the engine indexes experts by the router's (logical) ids
+        host_wi = place_experts(wi, mem, expert_dtype, group_size, dtype, "experts.wi")
+        host_wo = place_experts(wo, mem, expert_dtype, group_size, dtype, "experts.wo")
         # addresses for the native copies, every leaf (not in gpu-only mode, whose stacks are on the device);
         # this program keeps the arrays alive
         leaves = jax.tree.leaves((host_wi, host_wo))

@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from pregated_jax.config import SwitchConfig
-from pregated_jax.model import SwitchTransformer, abstract_model, materialize, require_finite
+from pregated_jax.model import SwitchTransformer, abstract_model, expert_memory_kind, materialize, require_finite
 
 CHECKPOINT_SUBDIR = "checkpoints"
 
@@ -147,15 +147,20 @@ def load_run_config(path: str | Path) -> dict:
     return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir(path) / "config")
 
 
-def restore_model(path: str | Path, seed: int = 0, dtype: str | None = None) -> SwitchTransformer:
+def restore_model(path: str | Path, seed: int = 0, dtype: str | None = None,
+                  experts_on: str = "device") -> SwitchTransformer:
     """The model of an Orbax checkpoint of ours (eval mode), built from its saved SwitchConfig (with `dtype`
-    as the compute dtype, if given) and params. `pregated_jax.load_model` reads every kind of checkpoint."""
+    as the compute dtype, if given) and params. `pregated_jax.load_model` reads every kind of checkpoint.
+    `experts_on="host"` moves the restored expert stacks to host memory (Orbax restores them to the device)."""
     cfg = SwitchConfig(**load_run_config(path)["model_config"])
-    return model_from_params(cfg if dtype is None else cfg.replace(dtype=dtype), load_params(path), seed)
+    return model_from_params(cfg if dtype is None else cfg.replace(dtype=dtype), load_params(path), seed,
+                             expert_memory_kind(experts_on))
 
 
-def model_from_params(cfg: SwitchConfig, params: dict, seed: int = 0) -> SwitchTransformer:
-    """Materializes `cfg` with a nested params dict (int or str keys); mismatches name the param path."""
+def model_from_params(cfg: SwitchConfig, params: dict, seed: int = 0,
+                      memory_kind: str | None = None) -> SwitchTransformer:
+    """Materializes `cfg` with a nested params dict (int or str keys); mismatches name the param path.
+    `memory_kind`: where expert stacks go (`model.materialize`'s `expert_memory_kind`)."""
     model = abstract_model(cfg)
     by_path = {}
     for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)):
@@ -169,4 +174,4 @@ def model_from_params(cfg: SwitchConfig, params: dict, seed: int = 0) -> SwitchT
     extra = set(flat_shapes(params)) - {".".join(map(str, p)) for p in by_path}
     if extra:
         raise ValueError(f"params not in a model of this config: {sorted(extra)[:20]}")
-    return materialize(model, by_path, seed)
+    return materialize(model, by_path, seed, memory_kind)

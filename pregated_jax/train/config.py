@@ -17,6 +17,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import importlib.util
+import inspect
 import re
 import types
 import typing
@@ -85,6 +86,7 @@ class TrainingConfig:
     seed: int = 0  # model init, dropout/jitter RNG, data shuffling
     log_every: int = 50
     tensorboard: bool = True  # also write TensorBoard events (needs the `tensorboard` package)
+    async_checkpointing: bool = True  # save checkpoints in Orbax's background threads (False: block until written)
 
     def __post_init__(self):
         check_field_types(self)  # e.g. gin's num_steps='abc', before the comparisons below
@@ -111,6 +113,9 @@ class DataConfig:
 
     def __post_init__(self):
         check_field_types(self)
+        from pregated_jax.data.sources import TASKS  # the registry; imports no dataset library
+
+        _check_choice("DataConfig", "task", self.task, [*TASKS, "local"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +157,37 @@ class TrainConfig:
 
 _SECTIONS = {"model": ModelConfig, "optimizer": OptimizerConfig, "training": TrainingConfig,
              "data": DataConfig, "init": InitConfig, "mesh": MeshConfig}
+
+
+# --- config files ----------------------------------------------------------------------------------
+
+def configs_dir() -> Path:
+    """The shipped configs folder: `pregated_jax/configs` in an installed package (pyproject.toml maps the
+    repository's `configs/` there), else `configs/` beside the package in a source checkout."""
+    package = Path(__file__).resolve().parents[1]
+    for folder in (package / "configs", package.parent / "configs"):
+        if folder.is_dir():
+            return folder
+    raise FileNotFoundError(f"no configs folder: neither {package / 'configs'} nor {package.parent / 'configs'}")
+
+
+def find_config_file(name: str | Path, search_paths: Sequence[str | Path] = ()) -> Path:
+    """A config file: `name` itself (absolute, or relative to the working directory), else under each of
+    `search_paths`, else in the shipped configs folder as `tiny.gin` or `configs/tiny.gin`."""
+    name = Path(name)
+    if name.is_file():
+        return name.resolve()
+    folders = [Path(s) for s in search_paths]
+    try:
+        shipped = configs_dir()
+        folders += [shipped, shipped.parent]
+    except FileNotFoundError:
+        pass
+    for folder in folders if not name.is_absolute() else []:
+        if (folder / name).is_file():
+            return (folder / name).resolve()
+    looked = [str(name)] + ([str(f / name) for f in folders] if not name.is_absolute() else [])
+    raise FileNotFoundError(f"config file {str(name)!r} not found; looked for {', '.join(looked)}")
 
 
 # --- Python config files and dotted overrides ----------------------------------------------------
@@ -225,9 +261,11 @@ def apply_override(config, dotted: str, text: str, where: str = "config"):
     return dataclasses.replace(config, **{head: parse_value(text, tp, here)})
 
 
-def config_from_py(path: str | Path, overrides: Mapping[str, str] | Sequence[tuple[str, str]] = ()) -> TrainConfig:
-    """Loads `get_config()` from a Python file and applies dotted string overrides in order."""
-    path = Path(path)
+def config_from_py(path: str | Path, overrides: Mapping[str, str] | Sequence[tuple[str, str]] = (),
+                   config_arg: str | None = None) -> TrainConfig:
+    """Loads `get_config()` (or `get_config(config_arg)`, ml_collections' `path.py:arg`) from a Python file
+    (found by `find_config_file`) and applies dotted string overrides in order."""
+    path = find_config_file(path)
     spec = importlib.util.spec_from_file_location(f"_train_config_{path.stem}", path)
     if spec is None or spec.loader is None:
         raise ValueError(f"cannot load a Python config from {path}")
@@ -235,7 +273,15 @@ def config_from_py(path: str | Path, overrides: Mapping[str, str] | Sequence[tup
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise ValueError(f"{path} has no get_config()")
-    config = module.get_config()
+    if config_arg is None:
+        config = module.get_config()
+    else:
+        try:
+            inspect.signature(module.get_config).bind(config_arg)
+        except TypeError:
+            raise TypeError(f"{path}: get_config() takes no argument, but the config was given one: "
+                            f"{config_arg!r} (from {path}:{config_arg})") from None
+        config = module.get_config(config_arg)
     if not isinstance(config, TrainConfig):
         raise TypeError(f"{path}: get_config() returned {type(config).__name__}, expected TrainConfig")
     items = overrides.items() if isinstance(overrides, Mapping) else overrides
@@ -259,45 +305,95 @@ def _gin_configurables() -> dict:
     return _GIN_CONFIGURABLES
 
 
-def _include_folders(files: Sequence[str | Path]) -> list[Path]:
-    """For every (nested) `include 'x.gin'`, the nearest ancestor folder of the including file holding x.gin."""
-    folders, seen, todo = [], set(), [Path(f).resolve() for f in files]
+def _include_folders(files: Sequence[str | Path],
+                     search_folders: Sequence[Path] = ()) -> tuple[list[Path], list[Path]]:
+    """(folders, files read): for every (nested) `include 'x.gin'`, the nearest ancestor folder of the including
+    file holding x.gin, else the first of `search_folders` holding it; and `files` with every file included."""
+    folders, seen, todo = [], [], [Path(f).resolve() for f in files]
     while todo:
         f = todo.pop()
         if f in seen or not f.is_file():
             continue
-        seen.add(f)
+        seen.append(f)
         for inc in re.findall(r"^\s*include\s+['\"]([^'\"]+)['\"]", f.read_text(), re.M):
-            folder = next((d for d in f.parents if (d / inc).is_file()), None)
+            folder = next((d for d in [*f.parents, *search_folders] if (d / inc).is_file()), None)
             if folder is not None:
                 folders.append(folder)
                 todo.append((folder / inc).resolve())
-    return folders
+    return folders, seen
 
 
-def config_from_gin(files: Sequence[str | Path] = (), bindings: Sequence[str] = ()) -> tuple[TrainConfig, str]:
+_BINDING_NAME = re.compile(r"\s*([A-Za-z_][\w./]*)\s*=")
+
+
+def _check_bindings_used(bindings: Sequence[str], texts: str) -> None:
+    """Raises a ValueError for a binding that training would ignore: one of a configurable other than the
+    `TrainConfig` sections, or of a macro that no gin file or binding refers to (`MODEL_DIR` excepted)."""
+    sections = sorted(cls.__name__ for cls in _SECTIONS.values())
+    for binding in bindings:
+        match = _BINDING_NAME.match(binding)
+        if match is None:  # an include or import line; gin reports a malformed one
+            continue
+        name = match.group(1).split("/")[-1]  # a scoped binding: scope/Configurable.param
+        if "." in name:
+            configurable = name.rsplit(".", 1)[0].split(".")[-1]
+            if configurable not in sections:
+                raise ValueError(f"gin binding {binding.strip()!r} is not used: training reads only the "
+                                 f"configurables {sections}")
+        elif name != "MODEL_DIR" and not re.search(rf"%{re.escape(name)}\b", texts):
+            raise ValueError(f"gin binding {binding.strip()!r} is not used: no gin file or binding refers "
+                             f"to the macro %{name}")
+
+
+def config_from_gin(files: Sequence[str | Path] = (), bindings: Sequence[str] = (),
+                    search_paths: Sequence[str | Path] = (), model_dir: str | Path | None = None,
+                    ) -> tuple[TrainConfig, str]:
     """(TrainConfig, operative gin config text) from gin files and `NAME=VALUE` bindings.
 
-    gin's global config is cleared first. An `include` path is resolved against the nearest ancestor
-    folder of the including file that holds it (so `configs/finetune/x.gin` may include
-    'configs/pregate_finetune.gin' from any working directory), then gin's search path. Unknown
-    configurables or parameters fail with gin's error naming them.
+    gin's global config is cleared first. `search_paths` are added to gin's search path
+    (`gin.add_config_file_search_path`); a file is found by `find_config_file` (as given, then in
+    `search_paths`, then in the shipped configs folder). An `include` path is resolved against the nearest
+    ancestor folder of the including file that holds it (so `configs/finetune/x.gin` may include
+    'configs/pregate_finetune.gin' from any working directory), then gin's search path. `model_dir` binds
+    the macro `MODEL_DIR` (t5x's name for the run's folder) before `bindings`. Unknown configurables or
+    parameters fail with gin's error naming them; a binding training would ignore (`_check_bindings_used`)
+    is a ValueError naming it.
     """
     import gin
 
     wrappers = _gin_configurables()
+    folders = [Path(s).resolve() for s in search_paths]
+    for folder in folders:
+        if not folder.is_dir():
+            raise ValueError(f"gin search path {str(folder)!r} is not a folder")
+    files = [find_config_file(f, folders) for f in files]
+    user_bindings, bindings = list(bindings), list(bindings)
+    if model_dir is not None:
+        bindings.insert(0, f"MODEL_DIR = {str(model_dir)!r}")
     gin.clear_config()
-    # Each include is searched in the including file's nearest ancestor folder that holds it, before gin's
-    # default (the working directory): gin's package-resource lookup crashes on an include whose first
-    # folder is importable as a namespace package (e.g. `configs` with the repository root on sys.path).
     prefixes = getattr(gin.config, "_LOCATION_PREFIXES", None)
-    for folder in _include_folders(files):
+    try:  # then the shipped configs, so a user's file may `include 'tiny.gin'` or 'configs/tiny.gin'
+        shipped = [configs_dir(), configs_dir().parent]
+    except FileNotFoundError:
+        shipped = []
+    for folder in folders + shipped:  # gin keeps its search path across calls: each folder is added once
+        if prefixes is None or str(folder) not in prefixes:
+            gin.add_config_file_search_path(str(folder))
+    # Each include is searched in the including file's nearest ancestor folder that holds it (else the first
+    # search or shipped folder that holds it), before gin's default (the working directory): gin's
+    # package-resource lookup crashes on an include whose first folder is importable as a namespace package
+    # (e.g. `configs` with the repository root on sys.path).
+    include_folders, read = _include_folders(files, folders + shipped)
+    for folder in include_folders:
         if prefixes is None:
             gin.add_config_file_search_path(str(folder))
-        elif str(folder) not in prefixes:
+        else:  # first, also when an earlier call added it behind the working directory
+            if str(folder) in prefixes:
+                prefixes.remove(str(folder))
             prefixes.insert(0, str(folder))
-    files = [str(Path(f).resolve()) for f in files]
-    gin.parse_config_files_and_bindings(files, list(bindings))
+    gin.parse_config_files_and_bindings([str(f) for f in files], bindings)
+    texts = "\n".join([*(f.read_text() for f in read), *user_bindings])
+    _check_bindings_used(user_bindings, texts)
     parts = {name: wrappers[cls.__name__]() for name, cls in _SECTIONS.items()}
     # Rebuild with the plain classes so equality with Python-built configs is exact.
     plain = {name: _SECTIONS[name](**{f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)})

@@ -21,6 +21,7 @@ import math
 import numbers
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -336,6 +337,12 @@ def evaluate(eval_step, state: TrainState, batches: Iterable[Batch], limit: int)
 
 # --- the loop ----------------------------------------------------------------------------------------
 
+def _metrics_text(metrics: dict, prefix: str = "") -> str:
+    """'name=value, ...' of the numeric metrics whose names start with `prefix`."""
+    return ", ".join(f"{k}={v:.5g}" for k, v in sorted(metrics.items())
+                     if k.startswith(prefix) and isinstance(v, numbers.Number))
+
+
 def init_opt_state(tx: optax.GradientTransformation, params: dict, mesh=None):
     """`tx.init(params)`; on a mesh, the moments of the expert stacks are split on E like the stacks and the
     rest is replicated (`expert_state_shardings`)."""
@@ -369,7 +376,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path, train_batches=N
     """
     workdir, t = Path(workdir), config.training
     workdir.mkdir(parents=True, exist_ok=True)
-    store = CheckpointStore(workdir / CHECKPOINT_SUBDIR, t.keep_checkpoints)
+    store = CheckpointStore(workdir / CHECKPOINT_SUBDIR, t.keep_checkpoints, async_save=t.async_checkpointing)
     latest = store.latest_step()
     model = build_model(config, None if latest is None else step_dir(workdir / CHECKPOINT_SUBDIR / str(latest)))
     cfg = model.config
@@ -400,6 +407,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path, train_batches=N
     start = int(state.step)
     run_config = {"model_config": dataclasses.asdict(cfg), "train_config": config.to_dict()}
     (workdir / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
+    _log.info("workdir %s, resolved config: %s", workdir, json.dumps(run_config, sort_keys=True))
 
     if train_batches is None:
         train_batches, default_eval = default_batches(config)
@@ -408,6 +416,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path, train_batches=N
     eval_source = eval_batches_view(eval_batches, t.eval_steps)
     writer = MetricsWriter(workdir, t.tensorboard, start_step=start)
     bar = tqdm(total=t.num_steps, initial=start, desc="train", disable=None, dynamic_ncols=True)
+    # Without a terminal there is no progress bar: every logged step's metrics go to `logging` instead.
+    log_metrics = not sys.stdout.isatty()
     pending: list[dict] = []
     final: dict = {"step": start}
     window_start, window_first = time.perf_counter(), start  # throughput over train steps only
@@ -418,6 +428,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path, train_batches=N
             metrics.update(eval_fn(nnx.merge(eval_def, state.params, codec.decode(state.rngs)), step))
         if metrics:
             writer.write(step, metrics)
+            if log_metrics:
+                _log.info("step %d: %s", step, _metrics_text(metrics))
         return metrics
 
     try:
@@ -437,6 +449,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path, train_batches=N
                 final["train/examples_per_s"] = (done - window_first) * t.batch_size / seconds
                 writer.write(done, {k: v for k, v in final.items() if k.startswith("train/")})
                 bar.set_postfix(loss=f"{final['train/loss']:.4f}")
+                if log_metrics:
+                    _log.info("step %d: %s", done, _metrics_text(final, "train/"))
             if save_now:
                 store.save(done, state.to_dict(), run_config)
             if done % t.eval_every == 0 or done == t.num_steps:
