@@ -218,7 +218,8 @@ def shard_model(model: nnx.Module, mesh: Mesh, collective: Collective = "auto") 
             raise ValueError(f"{e} experts do not split over the mesh axis expert={mesh.shape[EXPERT]}")
     for module in experts:
         module.expert_parallel = parallel
-    placed = [(path, var.replace(jax.device_put(var.get_value(), NamedSharding(mesh, expert_param_spec(path)))))
+    from pregated_jax.distributed import put_global  # several processes: each keeps its devices' pieces
+    placed = [(path, var.replace(put_global(var.get_value(), NamedSharding(mesh, expert_param_spec(path)))))
               for path, var in nnx.to_flat_state(nnx.state(model))]
     nnx.update(model, nnx.from_flat_state(placed))
     return model

@@ -23,6 +23,8 @@ import optax
 import pytest
 from flax import nnx
 
+from fake_devices import fake_device_env
+
 MESH_SHAPES = [(1, 8), (2, 4), (8, 1)]  # (data, expert)
 TOL = 1e-5
 NUM_DEVICES = 8
@@ -197,8 +199,7 @@ def _mesh_checks() -> dict:
 
 
 def _run_worker(*args: str) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={NUM_DEVICES}")
+    env = fake_device_env(NUM_DEVICES)
     proc = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True, timeout=900)
     part = args[0]
     assert proc.returncode == 0, f"worker {part} failed:\n{proc.stderr[-6000:]}"

@@ -327,7 +327,9 @@ def test_expert_parallel_with_placement():
     import subprocess
     import sys
 
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    from fake_devices import fake_device_env
+
+    env = fake_device_env(8)
     out = subprocess.run([sys.executable, "-c", _MESH_WORKER], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])

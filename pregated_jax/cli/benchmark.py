@@ -146,6 +146,7 @@ def engine_worker(args):
             best.update(preset=args.preset, impl="pregated-jax", sampled_peak_bytes=mem_stats.sampled_peak_bytes,
                         moe_block_ms=moe_block_ms, compile_s=compile_s, build_s=build_s,
                         device=str(jax.devices()[0].device_kind), engine_config=dataclasses.asdict(config),
+                        expert_dtype=config.expert_dtype,  # the sweep's format axis (stats name the stacks' dtype)
                         cache=config.cache_policy, decode_steps_per_call=config.decode_steps_per_call,
                         prefill_copy="routed" if config.prefill_routed_only else "whole",
                         guess_first_block=flag_text("guess_first_block", config.guess_first_block),

@@ -15,6 +15,8 @@ when stdout is not a terminal, the metrics are logged every TrainingConfig.log_e
 (gs://...) is refused. Re-running with the same workdir resumes from its last checkpoint.
 `--mesh data=N,expert=M` trains data + expert parallel over that device mesh (the config's `mesh` section:
 gin `MeshConfig.expert = M`, `--config.mesh.expert=M`).
+Several processes: `--coordinator_address HOST:PORT --num_processes N --process_id I` (else the environment's
+JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID) start `jax.distributed` before anything else.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import sys
 from pathlib import Path
 
 from pregated_jax.cli import HelpFormatter
+from pregated_jax.distributed import initialize
 from pregated_jax.mesh import parse_mesh
 from pregated_jax.train.config import TrainConfig, config_from_gin, config_from_py
 
@@ -43,7 +46,12 @@ def parse_args(argv: list[str]) -> tuple[TrainConfig, Path, str | None]:
     parser.add_argument("--config", help="Python config file exposing get_config(); path.py:ARG passes ARG to it")
     parser.add_argument("--mesh", help="device mesh data=N,expert=M (-1: the devices left over); replaces the "
                                        "config's mesh section; default: the config's (one device)")
+    parser.add_argument("--coordinator_address", help="several processes: HOST:PORT of process 0 (jax.distributed; "
+                                                      "default: $JAX_COORDINATOR_ADDRESS, else one process)")
+    parser.add_argument("--num_processes", type=int, help="several processes: how many (default: $JAX_NUM_PROCESSES)")
+    parser.add_argument("--process_id", type=int, help="several processes: this one's id (default: $JAX_PROCESS_ID)")
     args, rest = parser.parse_known_args(argv)
+    initialize(args.coordinator_address, args.num_processes, args.process_id)  # before anything touches devices
     if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", args.workdir):
         parser.error(f"--workdir {args.workdir}: remote workdirs are not supported (config.json, metrics.jsonl and "
                      f"TensorBoard events are written with local file APIs); give a local folder, e.g. a gcsfuse "

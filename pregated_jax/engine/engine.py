@@ -84,6 +84,7 @@ class InferenceEngine:
         some = self.program.encoder.blocks[self.program.encoder.moe_blocks[0]] if self.program.encoder.moe_blocks \
             else self.program.decoder.blocks[self.program.decoder.moe_blocks[0]]
         self.num_experts, self.expert_bytes = some.num_experts, some.expert_bytes
+        self.expert_format = some.expert_format
         self.num_moe_blocks = len(self.program.encoder.moe_blocks) + len(self.program.decoder.moe_blocks)
         if config.cache_experts is not None and config.cache_experts > self.num_experts:
             raise ValueError(f"cache_experts={config.cache_experts} is more than the {self.num_experts} experts of "

@@ -135,6 +135,11 @@ class BlockProgram:
         return self.host_wi.shape[0]
 
     @property
+    def expert_format(self) -> str:
+        """The experts' format in host memory: a quantized format's name, else the stack's dtype."""
+        return self.host_wi.format if isinstance(self.host_wi, QuantizedExperts) else str(self.host_wi.dtype)
+
+    @property
     def expert_bytes(self) -> int:
         """Bytes one expert takes in host memory and in a copy: every leaf's row (values and scales)."""
         return sum(a.nbytes // a.shape[0] for a in jax.tree.leaves((self.host_wi, self.host_wo)))

@@ -50,7 +50,8 @@ class RunStats:
     track_memory: bool = False
     profile_blocks: bool = False
     copy_method: str | None = None  # "xla" or "dma", and the method of speculative misses if different
-    expert_dtype: str = "bfloat16"  # the experts' format in host memory and in copies; expert_bytes is its size
+    expert_dtype: str = "bfloat16"  # the experts' format in host memory and in copies (a quantized format's name,
+    # else the stacks' dtype); expert_bytes is its size
     _cache_baseline: tuple = (0, 0)
     _cache_at_prefill: tuple = (0, 0)
     _prefill_mark: int = 0
@@ -62,7 +63,7 @@ class RunStats:
     @classmethod
     def start(cls, engine, batch, beams, input_len, max_new_tokens) -> "RunStats":
         stats = cls(engine.config.mode, batch, beams, input_len, max_new_tokens, engine.expert_bytes,
-                    copy_method=_copy_methods(engine), expert_dtype=engine.config.expert_dtype)
+                    copy_method=_copy_methods(engine), expert_dtype=engine.expert_format)
         stats._cache_baseline = _cache_counters(engine)  # caches persist across runs
         return stats
 
