@@ -141,11 +141,18 @@ def _model_checks() -> dict:
 def _train_checks(workdir: str) -> dict:
     """`train_and_evaluate` on the (2, 4) mesh, resumed for a third step on (1, 8), against one device: per-step
     losses, gradient norms, and the params after steps 2 and 3 of Adafactor (read back from the run's
-    checkpoints); where the optimizer state lives."""
+    checkpoints); where the optimizer state lives. Then the step-2 checkpoints cross over: the (2, 4) run's
+    resumes on one device and the one-device run's on (1, 8) (restored params, third step, params after it);
+    and the (2, 4) run's loads with `load_model` into the single-device engine (greedy tokens)."""
+    import shutil
+
+    import pregated_jax as pj
+    from pregated_jax.engine import EngineConfig, InferenceEngine
     from pregated_jax.expert_parallel import shard_model
+    from pregated_jax.loading import load_model
     from pregated_jax.mesh import MeshConfig
     from pregated_jax.model import SwitchTransformer
-    from pregated_jax.train import load_params
+    from pregated_jax.train import load_params, restore_model
     from pregated_jax.train.config import ModelConfig, TrainConfig, TrainingConfig
     from pregated_jax.train.loop import init_opt_state, train_and_evaluate
     from pregated_jax.train.optim import make_optimizer
@@ -179,7 +186,37 @@ def _train_checks(workdir: str) -> dict:
     opt_state = init_opt_state(make_optimizer(config.optimizer, 2)[0], params, mesh)
     expert_moments = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(opt_state)
                       if "experts" in jax.tree_util.keystr(path) and leaf.ndim >= 2]
+
+    def resume_on(source: str, mesh: MeshConfig) -> dict:
+        """`source`'s step-2 checkpoint, copied to a fresh workdir and resumed on `mesh`: the restored params
+        against the saved ones (and the expert stacks' rows per device), then the third step against one
+        device's."""
+        name = f"{source}_on_{mesh.data}x{mesh.expert}"
+        shutil.copytree(f"{workdir}/{source}/checkpoints/2", f"{workdir}/{name}/checkpoints/2")
+        saved, seen, steps = runs[source][1][0], {}, []
+
+        def restored(model, step):  # the restored train state, as an eval-mode model on `mesh`
+            seen["restored"] = _max_diff(nnx.to_pure_dict(nnx.state(model, nnx.Param)), saved)
+            seen["expert_rows"] = model.encoder.blocks[1].experts.wi.get_value().addressable_shards[0].data.shape[0]
+            return {}
+        for num_steps, hook in ((2, restored), (3, None)):  # 2: nothing to train, only the restore
+            run = config.replace(mesh=mesh, training=dataclasses.replace(config.training, num_steps=num_steps))
+            train_and_evaluate(run, f"{workdir}/{name}", batches, eval_fn=hook,
+                               step_callback=lambda step, m: steps.append(m["train/loss"]))
+        return {**seen, "next_loss": abs(steps[0] - one_steps[2][0]),
+                "params": _max_diff(load_params(f"{workdir}/{name}"), one_params[1])}
+
+    crossed = {"(2, 4) -> (1, 1)": resume_on("mesh", MeshConfig()),
+               "(1, 1) -> (1, 8)": resume_on("one", MeshConfig(1, 8))}
+    # the (2, 4) run's step 2 in the single-device engine against generate on one device's step 2
+    ids = jnp.asarray(batches[0]["input_ids"][:3], jnp.int32)  # [3, S]
+    engine = InferenceEngine(load_model(f"{workdir}/mesh/checkpoints/2"), EngineConfig(mode="pregated"))
+    tokens = engine.generate(ids, max_new_tokens=5).tokens  # [3, <=5]
+    reference = pj.generate(restore_model(f"{workdir}/one/checkpoints/2"), ids, max_new_tokens=5)  # [3, <=5]
     return {"train": {
+        "crossed": crossed,
+        "engine_tokens": np.asarray(tokens).tolist(), "reference_tokens": np.asarray(reference).tolist(),
+        "engine_ids": np.asarray(ids).tolist(), "workdir": workdir,
         "losses": [abs(a[0] - c[0]) for a, c in zip(one_steps, mesh_steps)],
         "grad_norms": [abs(a[1] - c[1]) for a, c in zip(one_steps, mesh_steps)],
         "steps": len(mesh_steps),
@@ -291,6 +328,33 @@ def test_training_on_the_mesh_matches_one_device(model_results):
     assert max(r["losses"]) <= TOL and max(r["grad_norms"]) <= TOL and r["params"] <= TOL, r
     assert r["trained"] > 1e-3, r
     assert r["expert_moments"] > 0 and r["expert_moment_shards"] == [8 // 4], r
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case,expert_rows", [("(2, 4) -> (1, 1)", 8), ("(1, 1) -> (1, 8)", 8 // 8)])
+def test_training_checkpoint_restores_on_another_mesh(model_results, case, expert_rows):
+    """A step-2 checkpoint resumed on another mesh shape (8 devices -> 1, 1 -> 8): the params restore exactly,
+    split as the new mesh splits them, and the third step's loss and params are one device's."""
+    r = model_results["train"]["crossed"][case]
+    assert r["restored"] == 0 and r["expert_rows"] == expert_rows, r
+    assert r["next_loss"] <= TOL and r["params"] <= TOL, r
+
+
+@pytest.mark.slow
+def test_training_checkpoint_of_the_mesh_runs_in_the_single_device_engine(model_results):
+    """The (2, 4) run's checkpoint, read by `load_model`, generates in the inference engine (mode pregated)
+    the greedy tokens of `generate` with the one-device run's params: in the 8-device worker, and here, in a
+    process with one device (where Orbax alone refuses the 8-device topology)."""
+    from pregated_jax.engine import EngineConfig, InferenceEngine
+    from pregated_jax.loading import load_model
+
+    r = model_results["train"]
+    assert r["engine_tokens"] == r["reference_tokens"], r
+    assert len(r["engine_tokens"]) == 3 and len(r["engine_tokens"][0]) > 0, r
+    assert len(jax.devices()) == 1
+    engine = InferenceEngine(load_model(f"{r['workdir']}/mesh/checkpoints/2"), EngineConfig(mode="pregated"))
+    tokens = engine.generate(np.asarray(r["engine_ids"]), max_new_tokens=5).tokens  # [3, <=5]
+    assert np.asarray(tokens).tolist() == r["reference_tokens"]
 
 
 def test_train_script_takes_the_mesh(tmp_path):

@@ -133,11 +133,17 @@ def step_dir(path: str | Path) -> Path:
 
 
 def load_params(path: str | Path) -> dict:
-    """Params-only restore -> nested dict of arrays (str keys, e.g. params['encoder']['blocks']['1']).
+    """Params-only restore -> nested dict of arrays (str keys, e.g. params['encoder']['blocks']['1']), all on the
+    default device, whatever mesh the run was saved from (Orbax alone refuses another topology's checkpoint).
 
     Raises ValueError naming the param and the checkpoint if one holds a NaN or an infinity."""
     where = step_dir(path) / "params"
-    params = ocp.StandardCheckpointer().restore(where)
+    checkpointer = ocp.StandardCheckpointer()
+    saved = checkpointer.metadata(where)
+    saved = getattr(saved, "item_metadata", saved)  # newer Orbax: StepMetadata around the tree
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), getattr(saved, "tree", saved))
+    params = checkpointer.restore(where, target)
     require_finite(flat_leaves(params), f"checkpoint {where}")
     return params
 
