@@ -569,14 +569,6 @@ def test_a_lost_native_copy_stops_the_generation_at_the_next_dispatch(monkeypatc
     assert len(dispatches) == 2
 
 
-@pytest.fixture(scope="module")
-def tiny_pregated():
-    cfg = get_preset("tiny", routing="pregated", num_experts=8, expert_capacity=6)
-    m = SwitchTransformer(cfg, rngs=nnx.Rngs(0))
-    m.eval()
-    return m
-
-
 @pytest.mark.parametrize("mode", ["pregated", "on-demand"])
 @pytest.mark.parametrize("cache", [None, "lru"])
 def test_concurrent_calls_equal_sequential_ones_and_leave_the_engine_working(tiny_pregated, mode, cache):

@@ -111,11 +111,8 @@ def test_trace_counts_against_hand_counts(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def model():
-    cfg = get_preset("tiny", routing="pregated", num_experts=8, expert_capacity=6)
-    m = SwitchTransformer(cfg, rngs=nnx.Rngs(0))
-    m.eval()
-    return m
+def model(tiny_pregated):
+    return tiny_pregated
 
 
 def _batches():

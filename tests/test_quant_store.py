@@ -11,11 +11,9 @@ import pytest
 from flax import nnx
 
 from pregated_jax import quant as Q
-from pregated_jax.config import get_preset
 from pregated_jax.engine import InferenceEngine
 from pregated_jax.hf_checkpoint import save_pretrained
 from pregated_jax.loading import load_model
-from pregated_jax.model import SwitchTransformer
 from pregated_jax.quant_store import STORE_FILE, save_quantized, store_format
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,11 +28,8 @@ def _quantize_script():
 
 
 @pytest.fixture(scope="module")
-def model():
-    cfg = get_preset("tiny", routing="pregated", num_experts=8, expert_capacity=6)
-    m = SwitchTransformer(cfg, rngs=nnx.Rngs(0))
-    m.eval()
-    return m
+def model(tiny_pregated):
+    return tiny_pregated
 
 
 def _params(model):
