@@ -13,5 +13,5 @@ def get_config() -> TrainConfig:
         training=TrainingConfig(batch_size=4, max_input_len=16, max_target_len=8, num_steps=20,
                                 eval_every=10, eval_steps=2, checkpoint_every=10, keep_checkpoints=2,
                                 log_every=5, seed=0),
-        data=DataConfig(task="debian"),
+        data=DataConfig(task="debian", pack=False),  # pack=True: several examples per train row
     )

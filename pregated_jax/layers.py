@@ -140,3 +140,10 @@ def key_padding(mask: Array | None) -> Array:
 def causal(query_positions: Array, key_positions: Array) -> Array:
     """Visibility [1, 1, q, k] that hides keys after each query."""
     return (key_positions[None, :] <= query_positions[:, None])[None, None]
+
+
+def same_segment(query_segment_ids: Array, key_segment_ids: Array) -> Array:
+    """Visibility [B, 1, q, k] of packed rows: a query sees the keys of its own segment; segment id 0
+    (padding) sees nothing and is seen by nothing. query_segment_ids [B, q], key_segment_ids [B, k]."""
+    same = query_segment_ids[:, :, None] == key_segment_ids[:, None, :]  # [B, q, k]
+    return (same & (key_segment_ids[:, None, :] > 0))[:, None]

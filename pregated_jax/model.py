@@ -19,7 +19,7 @@ from jax.sharding import SingleDeviceSharding
 
 from pregated_jax.config import SwitchConfig
 from pregated_jax.layers import (Attention, DenseFFN, RelativePositionBias, RMSNorm, causal,
-                                 compute_dtype, dense_init, key_padding, visibility_bias)
+                                 compute_dtype, dense_init, key_padding, same_segment, visibility_bias)
 from pregated_jax.moe import Experts, ExpertSlots
 from pregated_jax.routing import Router, RouterDecision, stack_losses
 
@@ -108,14 +108,23 @@ class Block(nnx.Module):
             cache = KVCache(keys=keys, values=values)
         return x + self.dropout(self.self_attn(h, keys, values, bias)), cache
 
-    def route(self, h: Array, decision: RouterDecision | None):
-        """(decision for this block, pre-gate decision for the next MoE block) from normed input h."""
+    def route(self, h: Array, decision: RouterDecision | None, positions: Array | None = None):
+        """(decision for this block, pre-gate decision for the next MoE block) from normed input h.
+
+        positions [B, S] (packed rows, see `segment_capacity_keep`): the expert capacity applies per segment.
+        """
         capacity = self.config.capacity(h.shape[1])
+
+        def per_segment(d: RouterDecision) -> RouterDecision:
+            if positions is None or capacity is None:
+                return d
+            return d.replace(keep=segment_capacity_keep(d.expert_index, positions, d.num_experts, capacity))
+
         if self.router is not None:
-            decision = self.router(h, capacity)
+            decision = per_segment(self.router(h, capacity))
         elif decision is None:
             raise ValueError("this MoE block is pre-gated: pass the previous MoE block's pre-gate decision")
-        next_decision = self.pregate(h, capacity) if self.pregate is not None else None
+        next_decision = per_segment(self.pregate(h, capacity)) if self.pregate is not None else None
         return decision, next_decision
 
     def attend(self, x: Array, self_bias: Array, *, cross: CrossKV | None = None,
@@ -136,29 +145,32 @@ class Block(nnx.Module):
 
     def attend_and_route(self, x: Array, self_bias: Array, *, decision: RouterDecision | None = None,
                          cross: CrossKV | None = None, cross_bias: Array | None = None,
-                         cache: KVCache | None = None, cache_index: Array | None = None):
+                         cache: KVCache | None = None, cache_index: Array | None = None,
+                         positions: Array | None = None):
         """Everything before the FFN's matmuls: attention sublayers, FFN norm, routing.
 
         -> (x [B, S, d], h = ffn_norm(x) [B, S, d], decision used here, pre-gate decision, cache).
-        Decisions are None for dense blocks.
+        Decisions are None for dense blocks. positions [B, S]: packed rows' per-segment positions.
         """
         x, cache = self.attend(x, self_bias, cross=cross, cross_bias=cross_bias, cache=cache,
                                cache_index=cache_index)
         h = self.ffn_norm(x)
         next_decision = None
         if self.is_sparse:
-            decision, next_decision = self.route(h, decision)
+            decision, next_decision = self.route(h, decision, positions)
         else:
             decision = None
         return x, h, decision, next_decision, cache
 
     def __call__(self, x: Array, self_bias: Array, *, decision: RouterDecision | None = None,
                  cross: CrossKV | None = None, cross_bias: Array | None = None,
-                 cache: KVCache | None = None, cache_index: Array | None = None) -> BlockOutput:
-        """x [B, S, d]; self_bias [B|1, heads, S, K]; cross_bias [B|1, 1, 1, S_enc]."""
+                 cache: KVCache | None = None, cache_index: Array | None = None,
+                 positions: Array | None = None) -> BlockOutput:
+        """x [B, S, d]; self_bias [B|1, heads, S, K]; cross_bias [B|1, 1, 1|S, S_enc];
+        positions [B, S] only for packed rows (per-segment expert capacity)."""
         x, h, decision, next_decision, cache = self.attend_and_route(
             x, self_bias, decision=decision, cross=cross, cross_bias=cross_bias, cache=cache,
-            cache_index=cache_index)
+            cache_index=cache_index, positions=positions)
         return BlockOutput(self.ffn_output(x, h, decision), decision, next_decision, cache)
 
 
@@ -178,25 +190,44 @@ class Stack(nnx.Module):
 
     def __call__(self, x: Array, mask: Array | None = None, *, cross: list[CrossKV] | None = None,
                  cross_mask: Array | None = None, caches: list[KVCache] | None = None,
-                 cache_index: Array | None = None):
+                 cache_index: Array | None = None, segment_ids: Array | None = None,
+                 positions: Array | None = None, cross_segment_ids: Array | None = None):
         """x [B, S, d] embeddings -> (hidden [B, S, d], decisions per MoE block, caches).
 
         Without caches this is a full-sequence pass. With `caches` (decoder only) the S new tokens sit
         at positions cache_index .. cache_index + S - 1 and attend over the whole cache, whose keys
         beyond the current position are hidden by the causal mask; `mask` is then ignored.
+
+        Packed rows (full pass only): segment_ids [B, S] (1, 2, ... per example, 0 = padding) confine
+        attention to a segment (so each token sees the relative positions it has unpacked, see
+        `packed_self_attention_bias`); positions [B, S] (0, 1, ... within each segment) count the expert
+        capacity per segment; the decoder's cross_segment_ids [B, S_enc] (the encoder's segment ids) let each
+        target segment see only its own input. None: the unpacked path, unchanged.
         """
-        positions = jnp.arange(x.shape[1])
-        if caches is None:
-            bias = self.self_bias(positions, positions, mask)
+        packed = segment_ids is not None
+        if packed:
+            if caches is not None or positions is None or (cross is not None and cross_segment_ids is None):
+                raise ValueError("packed rows (segment_ids) need positions (and cross_segment_ids in the "
+                                 "decoder) and a full pass without caches")
+            bias = packed_self_attention_bias(self.relative_bias, self.kind, segment_ids, mask)
         else:
-            bias = self.self_bias(cache_index + positions, jnp.arange(caches[0].keys.shape[2]), None)
-        cross_bias = visibility_bias(key_padding(cross_mask)) if cross is not None else None
+            token_positions = jnp.arange(x.shape[1])
+            if caches is None:
+                bias = self.self_bias(token_positions, token_positions, mask)
+            else:
+                bias = self.self_bias(cache_index + token_positions, jnp.arange(caches[0].keys.shape[2]), None)
+        if cross is None:
+            cross_bias = None
+        elif packed:  # [B, 1, T, S_enc]
+            cross_bias = visibility_bias(key_padding(cross_mask) & same_segment(segment_ids, cross_segment_ids))
+        else:
+            cross_bias = visibility_bias(key_padding(cross_mask))
         x = self.dropout(x)
         decision, decisions, new_caches = None, [], []
         for i, block in enumerate(self.blocks):
             out = block(x, bias, decision=decision, cross=None if cross is None else cross[i],
                         cross_bias=cross_bias, cache=None if caches is None else caches[i],
-                        cache_index=cache_index)
+                        cache_index=cache_index, positions=positions if packed else None)
             x = out.hidden
             new_caches.append(out.cache)
             if out.decision is not None:
@@ -254,9 +285,12 @@ class SwitchTransformer(nnx.Module):
         """ids [B, S] int -> [B, S, d] in the compute dtype."""
         return self.shared[...][ids].astype(compute_dtype(self.config))
 
-    def encode(self, input_ids: Array, attention_mask: Array | None = None):
-        """-> (encoder hidden [B, S, d], decisions per encoder MoE block)."""
-        hidden, decisions, _ = self.encoder(self.embed(input_ids), attention_mask)
+    def encode(self, input_ids: Array, attention_mask: Array | None = None, segment_ids: Array | None = None,
+               positions: Array | None = None):
+        """-> (encoder hidden [B, S, d], decisions per encoder MoE block). segment_ids / positions [B, S]:
+        packed rows (see `Stack.__call__`)."""
+        hidden, decisions, _ = self.encoder(self.embed(input_ids), attention_mask, segment_ids=segment_ids,
+                                            positions=positions)
         return hidden, decisions
 
     def cross_kv(self, encoder_hidden: Array) -> list[CrossKV]:
@@ -264,10 +298,14 @@ class SwitchTransformer(nnx.Module):
         return [CrossKV(*b.cross_attn.project_kv(encoder_hidden)) for b in self.decoder.blocks]
 
     def decode(self, decoder_input_ids: Array, encoder_hidden: Array, attention_mask: Array | None = None,
-               decoder_attention_mask: Array | None = None):
-        """-> (decoder hidden [B, T, d], decisions per decoder MoE block)."""
+               decoder_attention_mask: Array | None = None, segment_ids: Array | None = None,
+               positions: Array | None = None, encoder_segment_ids: Array | None = None):
+        """-> (decoder hidden [B, T, d], decisions per decoder MoE block). segment_ids / positions [B, T] and
+        encoder_segment_ids [B, S]: packed rows (see `Stack.__call__`)."""
         hidden, decisions, _ = self.decoder(self.embed(decoder_input_ids), decoder_attention_mask,
-                                            cross=self.cross_kv(encoder_hidden), cross_mask=attention_mask)
+                                            cross=self.cross_kv(encoder_hidden), cross_mask=attention_mask,
+                                            segment_ids=segment_ids, positions=positions,
+                                            cross_segment_ids=encoder_segment_ids)
         return hidden, decisions
 
     def init_caches(self, batch: int, max_len: int) -> list[KVCache]:
@@ -289,11 +327,23 @@ class SwitchTransformer(nnx.Module):
         return lm_logits(hidden, self.shared[...], lm_head, self.config.d_model)
 
     def __call__(self, input_ids: Array, decoder_input_ids: Array, attention_mask: Array | None = None,
-                 decoder_attention_mask: Array | None = None, *, return_aux: bool = False):
+                 decoder_attention_mask: Array | None = None, *, return_aux: bool = False,
+                 encoder_segment_ids: Array | None = None, encoder_positions: Array | None = None,
+                 decoder_segment_ids: Array | None = None, decoder_positions: Array | None = None):
+        """Packed rows (several examples per row, t5x's names): encoder_segment_ids / encoder_positions
+        [B, S] and decoder_segment_ids / decoder_positions [B, T], all four or none; segment k of the
+        decoder attends to segment k of the encoder. `decoder_input_ids` must then be shifted per segment
+        (each segment starts with decoder_start), as `pregated_jax.data.grain_pipeline` builds them."""
         check_token_ids(input_ids, self.config.vocab_size)
         check_token_ids(decoder_input_ids, self.config.vocab_size, "decoder_input_ids")
-        enc, enc_decisions = self.encode(input_ids, attention_mask)
-        dec, dec_decisions = self.decode(decoder_input_ids, enc, attention_mask, decoder_attention_mask)
+        packing = (encoder_segment_ids, encoder_positions, decoder_segment_ids, decoder_positions)
+        if any(p is None for p in packing) and any(p is not None for p in packing):
+            names = ("encoder_segment_ids", "encoder_positions", "decoder_segment_ids", "decoder_positions")
+            raise ValueError("packed inputs need all of encoder_segment_ids, encoder_positions, decoder_segment_ids "
+                             f"and decoder_positions; missing {[n for n, p in zip(names, packing) if p is None]}")
+        enc, enc_decisions = self.encode(input_ids, attention_mask, encoder_segment_ids, encoder_positions)
+        dec, dec_decisions = self.decode(decoder_input_ids, enc, attention_mask, decoder_attention_mask,
+                                         decoder_segment_ids, decoder_positions, encoder_segment_ids)
         logits = self.logits(dec)
         if not return_aux:
             return logits
@@ -309,6 +359,38 @@ def self_attention_bias(relative_bias: RelativePositionBias, kind: StackKind, qu
     if kind == "decoder":
         visible = visible & causal(query_positions, key_positions)
     return relative_bias(query_positions, key_positions) + visibility_bias(visible)
+
+
+def packed_self_attention_bias(relative_bias: RelativePositionBias, kind: StackKind, segment_ids: Array,
+                               key_mask: Array | None) -> Array:
+    """Self-attention bias of packed rows -> [B, heads, S, S] float32: visibility within a segment
+    (`segment_ids` [B, S]), causal in the decoder, plus the relative position bias.
+
+    A segment's positions are its tokens' indices minus the segment's start, so key_pos - query_pos equals
+    the index difference on every visible (same-segment) pair: the buckets are those of the example unpacked,
+    computed once from the indices, [1, heads, S, S] (as t5x does), rather than per row from the positions
+    (B times the bucket gathers, and a scatter-add of that size in the gradient).
+    """
+    order = jnp.arange(segment_ids.shape[1])
+    visible = same_segment(segment_ids, segment_ids) & key_padding(key_mask)  # [B, 1, S, S]
+    if kind == "decoder":
+        visible = visible & causal(order, order)
+    return relative_bias(order, order) + visibility_bias(visible)
+
+
+def segment_capacity_keep(expert_index: Array, positions: Array, num_experts: int, capacity: int) -> Array:
+    """`keep` [B, S] of packed rows with the expert capacity counted per segment, so that each example keeps
+    the tokens it would keep alone in a row (earlier tokens of the segment win, as in `routing.decide`).
+
+    expert_index [B, S]; positions [B, S] count 0, 1, ... from each segment's first token (padding: 0).
+    """
+    b, s = expert_index.shape
+    onehot = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.int32)  # [B, S, E]
+    priority = jnp.cumsum(onehot, axis=1)  # [B, S, E] tokens of each expert up to and including each token
+    before = jnp.concatenate([jnp.zeros((b, 1, num_experts), jnp.int32), priority[:, :-1]], axis=1)  # [B, S, E]
+    start = jnp.arange(s)[None, :] - positions  # [B, S] index of each token's segment start
+    offset = jnp.take_along_axis(before, jnp.broadcast_to(start[:, :, None], before.shape), axis=1)  # [B, S, E]
+    return jnp.sum((priority - offset) * onehot, axis=-1) <= capacity
 
 
 def lm_logits(hidden: Array, shared: Array, lm_head: Array | None, d_model: int) -> Array:

@@ -260,3 +260,31 @@ def test_span_corruption_lengths_and_examples(tok):
     assert restored == stream[:tokens_length]
     batch = next(data.batches(examples, tok, 4, 64, targets_length))
     assert batch["attention_mask"].all() and batch["decoder_attention_mask"].all()
+
+
+# --- grain sources -------------------------------------------------------------------------------
+
+def test_grain_sources_match_the_iterable_sources(tmp_path):
+    from pregated_jax.data.sources import grain_source, local_grain_source
+
+    debian = grain_source("debian", "validation")
+    assert len(debian) == data.DEBIAN_SPLIT_SIZES["validation"]
+    assert [debian[i] for i in (0, 1, 2628 - 1)] == [ex for i, ex in enumerate(data.debian_source("validation"))
+                                                      if i in (0, 1, 2628 - 1)]
+    path = tmp_path / "d.tsv"
+    path.write_text("q\ta\nfirst\tone\nsecond\ttwo\n")
+    assert list(local_grain_source(path, "q", "a", prefix="p: ")) == list(data.local_source(path, "q", "a", "p: "))
+
+
+def test_tfds_grain_source_with_mock_data():
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from pregated_jax.data.sources import grain_source
+
+    with tfds.testing.mock_data(num_examples=3, policy=tfds.testing.MockPolicy.USE_CODE):
+        squad = list(grain_source("squad", "train"))  # the mock's random-access data differs from its tfds.load data
+        webq = list(grain_source("web_questions", "test"))
+    assert len(squad) == len(webq) == 3
+    for ex in squad:
+        assert ex["inputs"].startswith("question: ") and " context: " in ex["inputs"]
+        assert ex["targets"] == (ex["answers"][0] if ex["answers"] else "")
+    assert all(ex["inputs"].startswith("question: ") and isinstance(ex["targets"], str) for ex in webq)

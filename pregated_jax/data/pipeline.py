@@ -19,6 +19,9 @@ from pregated_jax.data.tokenizer import EOS_ID, PAD_ID, Tokenizer
 
 DECODER_START_ID = 0
 BATCH_KEYS = ("input_ids", "attention_mask", "decoder_input_ids", "labels", "decoder_attention_mask")
+# Packed batches (`grain_pipeline.train_dataset(pack=True)`) add these int32 arrays, 0 = padding:
+# encoder_* [B, Li] and decoder_* [B, Lt], segment ids 1, 2, ... per example in a row, positions 0, 1, ... within it.
+PACKING_KEYS = ("encoder_segment_ids", "encoder_positions", "decoder_segment_ids", "decoder_positions")
 
 
 def _token_ids(value, tokenizer: Tokenizer, max_len: int) -> np.ndarray:

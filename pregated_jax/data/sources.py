@@ -7,6 +7,8 @@ them; batching ignores keys other than "inputs" and "targets".
 - `local_source(path, input_field, target_field, prefix="")`: a user's .jsonl, .jsonl.gz or .tsv file.
 - `tfds_source(name, split, data_dir=None)`: the paper's tasks through TensorFlow Datasets.
 - `get_task(name)` -> Task(source, metric) for "debian", "xsum", "squad", "web_questions".
+- `grain_source(task, split)`, `local_grain_source(...)`, `tfds_grain_source(...)`: the same examples as a
+  random-access grain MapDataset, for the training pipeline (`grain_pipeline`).
 """
 
 from __future__ import annotations
@@ -168,6 +170,24 @@ def _web_questions_example(ex) -> Example:
 _TFDS_CONVERTERS = {"xsum": _xsum_example, "squad": _squad_example, "web_questions": _web_questions_example}
 
 
+def _import_tfds(name: str, caller: str):
+    """The tensorflow_datasets module, with TensorFlow kept off the accelerators JAX uses."""
+    if name not in _TFDS_CONVERTERS:
+        raise ValueError(f"unknown TFDS task {name!r}; known: {', '.join(sorted(_TFDS_CONVERTERS))}")
+    try:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        import tensorflow as tf
+        import tensorflow_datasets as tfds
+    except ImportError as e:
+        raise ImportError(f"{caller}({name!r}) needs TensorFlow Datasets: "
+                          "pip install tensorflow-datasets tensorflow-cpu") from e
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except (RuntimeError, ValueError):
+        pass
+    return tfds
+
+
 def tfds_source(name: str, split: str, data_dir: str | None = None, *, download: bool = False,
                 manual_dir: str | None = None) -> Iterator[Example]:
     """The paper's tasks from TensorFlow Datasets, as {"inputs", "targets"[, "answers"]} examples.
@@ -187,19 +207,7 @@ def tfds_source(name: str, split: str, data_dir: str | None = None, *, download:
       tfds build xsum --manual_dir MANUAL_DIR [--data_dir DIR]
     Or pass `download=True` (and `manual_dir=` for xsum) to prepare on first use.
     """
-    if name not in _TFDS_CONVERTERS:
-        raise ValueError(f"unknown TFDS task {name!r}; known: {', '.join(sorted(_TFDS_CONVERTERS))}")
-    try:
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        import tensorflow as tf
-        import tensorflow_datasets as tfds
-    except ImportError as e:
-        raise ImportError(f"tfds_source({name!r}) needs TensorFlow Datasets: "
-                          "pip install tensorflow-datasets tensorflow-cpu") from e
-    try:  # keep TensorFlow off the accelerators JAX uses
-        tf.config.set_visible_devices([], "GPU")
-    except (RuntimeError, ValueError):
-        pass
+    tfds = _import_tfds(name, "tfds_source")
     kwargs = {}
     if manual_dir is not None:
         kwargs["download_and_prepare_kwargs"] = {
@@ -212,6 +220,25 @@ def tfds_source(name: str, split: str, data_dir: str | None = None, *, download:
         raise FileNotFoundError(_not_prepared(name, split, data_dir) + f" or pass download=True ({e})") from e
     convert = _TFDS_CONVERTERS[name]
     return (convert(ex) for ex in tfds.as_numpy(ds))
+
+
+def tfds_grain_source(name: str, split: str, data_dir: str | None = None):
+    """A TFDS task's split as a grain MapDataset of examples (the `tfds_source` conversions).
+
+    A dataset prepared as ArrayRecord (`tfds build NAME --file_format array_record`) is read with random
+    access through `tfds.data_source`, nothing loaded up front; one prepared as TFRecord (the default) has
+    no random access, so its examples are read once into a list.
+    """
+    import grain
+
+    tfds = _import_tfds(name, "tfds_grain_source")
+    try:
+        source = tfds.data_source(_TFDS_NAMES[name], split=split, data_dir=data_dir, download=False)
+    except AssertionError as e:  # never prepared
+        raise FileNotFoundError(_not_prepared(name, split, data_dir) + f" ({e})") from e
+    except (NotImplementedError, ValueError, TypeError):  # prepared without random access (TFRecord)
+        return grain.MapDataset.source(list(tfds_source(name, split, data_dir)))
+    return grain.MapDataset.source(source).map(_TFDS_CONVERTERS[name])
 
 
 # --- task registry -------------------------------------------------------------------------------
@@ -263,3 +290,22 @@ def count_examples(task: str, split: str, data_dir: str | None = None) -> int:
         return builder.info.splits[split].num_examples
     except KeyError:
         raise FileNotFoundError(_not_prepared(task, split, data_dir)) from None
+
+
+def grain_source(task: str, split: str, data_dir: str | None = None):
+    """A task's split as a grain MapDataset of {"inputs", "targets"} examples: TFDS tasks through
+    `tfds_grain_source`; the others (the bundled Debian task) read into a list of examples (raw text; the
+    training pipeline tokenizes lazily, example by example)."""
+    import grain
+
+    source = get_task(task).source
+    if task in _TFDS_CONVERTERS and source.__name__ == f"{task}_source":
+        return tfds_grain_source(task, split, data_dir)
+    return grain.MapDataset.source(list(source(split, data_dir=data_dir)))
+
+
+def local_grain_source(path: str | os.PathLike, input_field: str, target_field: str, prefix: str = ""):
+    """`local_source`'s examples as a grain MapDataset (the file is read once into a list)."""
+    import grain
+
+    return grain.MapDataset.source(list(local_source(path, input_field, target_field, prefix)))

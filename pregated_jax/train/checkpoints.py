@@ -6,12 +6,16 @@ Layout: `<workdir>/checkpoints/<step>/` holds three Orbax items:
           ('encoder' / 'blocks' / '1' / 'experts' / 'wi'); any program can read it with
           `orbax.checkpoint.StandardCheckpointer().restore(<step dir>/'params')`
   config  JSON {"model_config": SwitchConfig fields, "train_config": TrainConfig.to_dict()}
+  data    (when training reads a stateful iterator, e.g. the grain pipeline) the train iterator's state,
+          one JSON file per process (`process_<i>-of-<n>.json`, grain's Orbax handler), so a resume
+          continues at the next example instead of replaying the earlier batches
 Orbax writes each step into a temporary folder and renames it when complete, so a run killed mid-save
 leaves no partial step that a restart could pick up; we rely on that instead of our own markers.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -28,8 +32,21 @@ CHECKPOINT_SUBDIR = "checkpoints"
 
 
 def _handlers() -> dict:
+    import grain  # its Orbax handler for iterator states (registers grain.checkpoint.CheckpointSave)
+
     return {"state": ocp.StandardCheckpointHandler(), "params": ocp.StandardCheckpointHandler(),
-            "config": ocp.JsonCheckpointHandler()}
+            "config": ocp.JsonCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()}
+
+
+class _StateSnapshot:
+    """An iterator state frozen when the save starts: grain's handler writes `get_state()` of what it is
+    given (bytes are written as they are), and the live iterator moves on while an async save runs."""
+
+    def __init__(self, state: dict):
+        self.state = json.dumps(state, indent=1).encode()
+
+    def get_state(self) -> bytes:
+        return self.state
 
 
 class CheckpointStore:
@@ -54,12 +71,17 @@ class CheckpointStore:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: dict, config: dict) -> None:
-        """Starts an async save of `state` ({step, params, opt_state, rngs}); returns once the arrays are
-        copied off the accelerator, so the caller may donate them to the next step."""
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                  params=ocp.args.StandardSave(state["params"]),
-                                  config=ocp.args.JsonSave(config))
+    def save(self, step: int, state: dict, config: dict, data_state: dict | None = None) -> None:
+        """Starts an async save of `state` ({step, params, opt_state, rngs}) and, if given, the train
+        iterator's `data_state` (a JSON-able dict, this process's); returns once the arrays are copied off
+        the accelerator, so the caller may donate them to the next step."""
+        import grain
+
+        items = dict(state=ocp.args.StandardSave(state), params=ocp.args.StandardSave(state["params"]),
+                     config=ocp.args.JsonSave(config))
+        if data_state is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(_StateSnapshot(data_state))
+        args = ocp.args.Composite(**items)
         try:
             self.manager.save(step, args=args, force=True)
         except OSError as e:
@@ -78,6 +100,20 @@ class CheckpointStore:
         require_finite(flat_leaves({"params": state["params"], "opt_state": state["opt_state"]}),
                        f"checkpoint {self.directory / str(step)}")
         return state
+
+    def has_data_state(self, step: int) -> bool:
+        """Whether step `step` saved a train iterator state (runs on user batches, or older ones, did not)."""
+        return (self.directory / str(step) / "data").is_dir()
+
+    def restore_data_state(self, step: int, iterator) -> None:
+        """Sets `iterator` (get_state / set_state) to this process's train iterator state of `step` (the file
+        grain's handler wrote, read directly so any iterator with set_state(dict) can take it)."""
+        path = self.directory / str(step) / "data" / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no train iterator state for this process ({jax.process_index()} of "
+                                    f"{jax.process_count()}) in {path.parent}: was the run saved with another "
+                                    f"process count? ({', '.join(sorted(p.name for p in path.parent.iterdir()))})")
+        iterator.set_state(json.loads(path.read_text()))
 
     def wait(self) -> None:
         """Waits for an in-flight save; an OSError from it names the checkpoint folder."""

@@ -110,9 +110,15 @@ class DataConfig:
     input_prefix: str = ""  # prepended to every input of a local file, e.g. "summarize: "
     data_dir: str | None = None  # TFDS data_dir / Debian data folder; None: default
     eval_split: str | None = None  # None: the task's usual evaluation split
+    # Train batches hold several examples per row (grain first-fit packing, segment ids + positions); eval
+    # batches stay one example per row.
+    pack: bool = False
+    packing_bins: int | None = None  # rows grain packs at once; None: the batch's rows (more: tighter, more memory)
 
     def __post_init__(self):
         check_field_types(self)
+        if self.packing_bins is not None and self.packing_bins <= 0:
+            raise ValueError(f"DataConfig.packing_bins must be positive or None, got {self.packing_bins}")
         from pregated_jax.data.sources import TASKS  # the registry; imports no dataset library
 
         _check_choice("DataConfig", "task", self.task, [*TASKS, "local"])

@@ -6,7 +6,8 @@ optimizer state, step and RNG state as plain arrays, so `train_step(state, batch
 a pure function that `jax.jit` compiles once, with the state donated.
 
 Exact resume: every random choice lives in the state (RNG counters) or is a function of the step (the
-batch order: the loop skips the first `step` batches of the iterator, or calls `train_batches(step)`), so
+batch order: a stateful iterator such as the grain pipeline's is set to the state saved with the checkpoint;
+otherwise the loop skips the first `step` batches of the iterator, or calls `train_batches(step)`), so
 a run restarted from its last checkpoint reproduces the uninterrupted loss curve bit for bit.
 """
 
@@ -40,7 +41,8 @@ from pregated_jax.model import SwitchTransformer, router_loss
 from pregated_jax.train.checkpoints import (CHECKPOINT_SUBDIR, CheckpointStore, load_run_config,
                                             model_from_params, restore_model, step_dir)
 from pregated_jax.train.config import ModelConfig, OptimizerConfig, TrainConfig
-from pregated_jax.train.inputs import Batch, batches_from, default_batches, host_batch, eval_batches_view
+from pregated_jax.train.inputs import (PACKING_KEYS, Batch, batches_from, default_batches, eval_batches_view,
+                                       host_batch, is_stateful)
 from pregated_jax.train.optim import make_optimizer
 
 
@@ -84,8 +86,9 @@ class RngCodec:
 
 def loss_and_metrics(model: SwitchTransformer, batch: Batch, cfg: SwitchConfig) -> tuple[jax.Array, dict]:
     """Token cross-entropy over real label tokens + the weighted router losses."""
+    packing = {k: batch[k] for k in PACKING_KEYS if k in batch}  # packed rows: segment ids and positions
     logits, aux = model(batch["input_ids"], batch["decoder_input_ids"], batch["attention_mask"],
-                        batch["decoder_attention_mask"], return_aux=True)  # [B, T, V] float32
+                        batch["decoder_attention_mask"], return_aux=True, **packing)  # [B, T, V] float32
     mask = batch["decoder_attention_mask"].astype(jnp.float32)  # [B, T]
     labels = jnp.where(mask > 0, batch["labels"], 0)  # [B, T]
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)  # [B, T]
@@ -351,10 +354,27 @@ def init_opt_state(tx: optax.GradientTransformation, params: dict, mesh=None):
     return jax.jit(tx.init, out_shardings=expert_state_shardings(jax.eval_shape(tx.init, params), mesh))(params)
 
 
-def _with_batch_sharding(train_step, eval_step, sharding):
-    """The steps with each batch's rows split over the mesh (`sharding`) before the jitted call."""
-    return (lambda state, batch: train_step(state, jax.device_put(batch, sharding)),
-            lambda params, rngs, batch: eval_step(params, rngs, jax.device_put(batch, sharding)))
+def _with_batch_sharding(train_step, eval_step, sharding, local_train_rows: bool = False):
+    """The steps with each batch's rows split over the mesh (`sharding`) before the jitted call.
+
+    One process: `jax.device_put` of the whole batch. Several processes: global arrays from each process's
+    rows (`make_global_batch`); train batches are already this process's rows when `local_train_rows` (the
+    grain pipeline reads one shard per process), other batches are global and this process takes its rows
+    (`process_batch_slice`).
+    """
+    if jax.process_count() == 1:
+        return (lambda state, batch: train_step(state, jax.device_put(batch, sharding)),
+                lambda params, rngs, batch: eval_step(params, rngs, jax.device_put(batch, sharding)))
+    from pregated_jax.distributed import make_global_batch, process_batch_slice
+
+    def global_batch(batch: Batch, local: bool) -> Batch:
+        if local:
+            return make_global_batch(batch, sharding, len(batch["input_ids"]) * jax.process_count())
+        rows = process_batch_slice(len(batch["input_ids"]), sharding)
+        return make_global_batch({k: v[rows] for k, v in batch.items()}, sharding, len(batch["input_ids"]))
+
+    return (lambda state, batch: train_step(state, global_batch(batch, local_train_rows)),
+            lambda params, rngs, batch: eval_step(params, rngs, global_batch(batch, False)))
 
 
 def train_and_evaluate(config: TrainConfig, workdir: str | Path, train_batches=None, eval_batches=None, *,
@@ -363,7 +383,10 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path, train_batches=N
     """Trains `config.training.num_steps` steps into `workdir`, resuming from its last checkpoint.
 
     train_batches: an iterable of batches (the first `step` are skipped on resume), a callable
-        `step -> batch`, or None: `pregated_jax.data` by `config.data.task`.
+        `step -> batch`, or None: `pregated_jax.data` by `config.data.task` through grain (`default_batches`;
+        packed when `config.data.pack`, this process's shard only). An iterator with `get_state()` /
+        `set_state()` (a grain DatasetIterator, also the default's) has its state saved with each checkpoint
+        and restored on resume, so it continues at the next batch without replaying the earlier ones.
     eval_batches: a sequence, an iterable (its first `eval_steps` batches are kept), a callable returning
         a fresh iterable, or None (the task's eval split when train_batches is None too; else no eval).
     eval_fn: a hook `(eval-mode model, step) -> metrics` run at each evaluation (e.g. generation
@@ -401,7 +424,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path, train_batches=N
         step = jax.device_put(step, replicated(mesh))
     state = TrainState(step, params, init_opt_state(tx, params, mesh), codec.encode(rngs))
     if mesh is not None:
-        train_step, eval_step = _with_batch_sharding(train_step, eval_step, batch_sharding(mesh))
+        train_step, eval_step = _with_batch_sharding(train_step, eval_step, batch_sharding(mesh),
+                                                     local_train_rows=train_batches is None)
     if latest is not None:
         state = TrainState(**store.restore(latest, state.to_dict()))
     start = int(state.step)
@@ -412,7 +436,16 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path, train_batches=N
     if train_batches is None:
         train_batches, default_eval = default_batches(config)
         eval_batches = default_eval if eval_batches is None else eval_batches
-    batches = batches_from(train_batches, start)
+    data_iter = None  # a train iterator whose position is saved with each checkpoint (e.g. grain's)
+    if not callable(train_batches) or hasattr(train_batches, "__iter__"):
+        candidate = iter(train_batches)
+        if is_stateful(candidate):
+            train_batches = data_iter = candidate
+    if data_iter is not None and latest is not None and store.has_data_state(latest):
+        store.restore_data_state(latest, data_iter)  # continues at the next example: nothing is replayed
+        batches = data_iter
+    else:  # a step -> batch callable, or an iterable whose first `start` batches are skipped
+        batches = batches_from(train_batches, start)
     eval_source = eval_batches_view(eval_batches, t.eval_steps)
     writer = MetricsWriter(workdir, t.tensorboard, start_step=start)
     bar = tqdm(total=t.num_steps, initial=start, desc="train", disable=None, dynamic_ncols=True)
@@ -452,7 +485,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path, train_batches=N
                 if log_metrics:
                     _log.info("step %d: %s", done, _metrics_text(final, "train/"))
             if save_now:
-                store.save(done, state.to_dict(), run_config)
+                store.save(done, state.to_dict(), run_config,
+                           None if data_iter is None else data_iter.get_state())
             if done % t.eval_every == 0 or done == t.num_steps:
                 final.update(run_eval(done))
             if step_callback is not None:
