@@ -79,6 +79,8 @@ FLAGS: dict[str, Flag] = {
                          "scales, two values per byte); a quantized store needs its own format",
                          _choices(*FORMATS)),
     "expert_group_size": Flag("int4: input rows per scale (divides d_model and d_ff)"),
+    "record_routing": Flag("count the tokens routed to each expert, per MoE block, into the statistics (a routing "
+                           "trace for plan_placement.py; each device's load on a mesh)", ON_OFF),
 }
 
 # the field types whose flags parse their text without a choices table
@@ -166,6 +168,24 @@ def from_json(text: str) -> EngineConfig:
     if unknown:
         raise ValueError(f"not EngineConfig fields: {sorted(unknown)}")
     return EngineConfig(**values)
+
+
+# --- the mesh -------------------------------------------------------------------------------------------
+
+def add_mesh_flag(parser: argparse.ArgumentParser) -> None:
+    """Adds --mesh: the devices the engine runs on (`mesh_from_args`)."""
+    parser.add_argument("--mesh", metavar="data=N,expert=M",
+                        help="run on a mesh of devices: expert weights split over `expert` (each device streams its "
+                        "own experts), inputs over `data`; -1 = the devices left over, e.g. expert=-1 (default: one "
+                        "device). On a CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N gives N devices")
+
+
+def mesh_from_args(args: argparse.Namespace):
+    """The `jax.sharding.Mesh` of --mesh, or None for one device; a bad value raises ValueError naming it."""
+    from pregated_jax.mesh import MeshConfig, parse_mesh
+
+    config = parse_mesh(getattr(args, "mesh", None))
+    return None if config == MeshConfig() else config.make()
 
 
 # --- process settings ----------------------------------------------------------------------------------

@@ -311,10 +311,15 @@ def get_placement(model) -> dict[str, np.ndarray]:
 
 
 def _permute_leaf(x, idx: np.ndarray):
-    """x[idx] on the leading axis, in x's own sharding (a plain gather would come back replicated)."""
+    """x[idx] on the leading axis, in x's own sharding (a plain gather would come back replicated). A stack in
+    host memory (numpy, or pinned host memory: `experts_on="host"`) is permuted with numpy: no jitted operation
+    runs on host memory."""
     sharding = getattr(x, "sharding", None)
+    if sharding is None or sharding.memory_kind not in (None, next(iter(x.devices())).default_memory().kind):
+        y = np.take(np.asarray(x), idx, axis=0)
+        return y if sharding is None else jax.device_put(y, sharding)
     y = jax.tree.map(lambda a: jnp.take(a, jnp.asarray(idx), axis=0), x)
-    return y if sharding is None else jax.device_put(y, sharding)
+    return jax.device_put(y, sharding)
 
 
 def _block_of_path(path) -> tuple[str, str] | None:

@@ -64,7 +64,8 @@ class Experts(nnx.Module):
             return self.expert_parallel(x, decision, self.wi[...], self.wo[...], self.dtype, self.dropout)
         if slots is None:
             return apply_experts(x, decision, self.wi[...], self.wo[...], self.dtype, self.dropout)
-        return apply_experts(x, decision, slots.wi, slots.wo, self.dtype, self.dropout, slots.expert_ids)
+        y = apply_experts(x, decision, slots.wi, slots.wo, self.dtype, self.dropout, slots.expert_ids)
+        return y if slots.sum_over is None else jax.lax.psum(y, slots.sum_over)
 
 
 @struct.dataclass
@@ -75,6 +76,9 @@ class ExpertSlots:
     wi: Array | QuantizedExperts  # [G, d, ff]
     wo: Array | QuantizedExperts  # [G, ff, d]
     expert_ids: Array  # [G] int32
+    # A mesh axis (inside `jax.shard_map`) whose devices each hold a share of the experts: the table holds this
+    # device's share, and the devices' outputs are summed over the axis (`pregated_jax.engine.mesh_layout`).
+    sum_over: str | None = struct.field(pytree_node=False, default=None)
 
 
 def apply_experts(x: Array, decision: RouterDecision, wi: Array | QuantizedExperts, wo: Array | QuantizedExperts,

@@ -43,7 +43,7 @@ RESULTS_VERSION = 2  # results.json's "version"; `read_results` upgrades every e
 
 
 def parse_args(argv=None):
-    from pregated_jax.engine_cli import add_engine_flags, add_process_flags
+    from pregated_jax.engine_cli import add_engine_flags, add_mesh_flag, add_process_flags
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--tiny", action="store_true", help="the CPU smoke configuration")
@@ -74,10 +74,16 @@ def parse_args(argv=None):
     p.add_argument("--peer_mode", help=argparse.SUPPRESS)
     p.add_argument("--engine_config", help=argparse.SUPPRESS)  # an engine worker's EngineConfig, as JSON
     add_process_flags(p)
+    add_mesh_flag(p)
     add_engine_flags(p, exclude=("mode",), stop_when_finished=False)
     args = p.parse_args(argv)
     if (args.plot_only or args.merge) and args.out is None:
         p.error("--plot_only and --merge need --out")
+    from pregated_jax.mesh import parse_mesh
+    try:
+        parse_mesh(args.mesh)  # a malformed --mesh fails here, before any worker starts
+    except ValueError as e:
+        p.error(str(e))
     base = TINY if args.tiny else FULL
     for k, v in base.items():
         if getattr(args, k) is None:
@@ -112,7 +118,7 @@ def engine_worker(args):
     from pregated_jax.bench.random_model import random_model
     from pregated_jax.config import get_preset
     from pregated_jax.engine import InferenceEngine
-    from pregated_jax.engine_cli import GIB, flag_text, from_json
+    from pregated_jax.engine_cli import GIB, flag_text, from_json, mesh_from_args
 
     config = from_json(args.engine_config)
     routing = "conventional" if config.mode == "speculative" else "pregated"
@@ -120,7 +126,8 @@ def engine_worker(args):
     cfg = get_preset(args.preset, routing=routing, dtype=dtype)
     t0 = time.perf_counter()
     model = random_model(cfg, seed=0, experts_on_host=config.mode != "gpu-only")
-    engine = InferenceEngine(model, config)
+    mesh = mesh_from_args(args)
+    engine = InferenceEngine(model, config, mesh=mesh)
     del model
     build_s = time.perf_counter() - t0
     rng = np.random.default_rng(0)
@@ -137,13 +144,17 @@ def engine_worker(args):
             best.update(decode_tokens_per_s_runs=[d["decode_tokens_per_s"] for d in every],
                         decode_s_runs=[d["decode_s"] for d in every],
                         end_to_end_tokens_per_s_runs=[d["end_to_end_tokens_per_s"] for d in every])
-            # Memory and per-MoE-block latency in separate runs: sampling and syncing perturb timing.
-            mem_stats = engine.generate(ids, max_new_tokens=args.new_tokens, num_beams=beams, track_memory=True).stats
+            # Memory and per-MoE-block latency in separate runs: sampling and syncing perturb timing. Both
+            # synchronize block by block, which a mesh's single-dispatch prefill and decode steps do not.
+            mem_stats = None if mesh is not None else engine.generate(
+                ids, max_new_tokens=args.new_tokens, num_beams=beams, track_memory=True).stats
             first_row = (batch, beams) == (args.batches[0], args.beams[0])
             moe_block_ms = (engine.generate(ids, max_new_tokens=args.new_tokens, num_beams=beams,
                                             profile_blocks=True).stats.as_dict()["moe_block_ms"]
-                            if args.profile_all_rows or first_row else None)
-            best.update(preset=args.preset, impl="pregated-jax", sampled_peak_bytes=mem_stats.sampled_peak_bytes,
+                            if (args.profile_all_rows or first_row) and mesh is None else None)
+            best.update(preset=args.preset, impl="pregated-jax",
+                        sampled_peak_bytes=mem_stats and mem_stats.sampled_peak_bytes,
+                        mesh=None if mesh is None else dict(mesh.shape), devices=1 if mesh is None else mesh.size,
                         moe_block_ms=moe_block_ms, compile_s=compile_s, build_s=build_s,
                         device=str(jax.devices()[0].device_kind), engine_config=dataclasses.asdict(config),
                         expert_dtype=config.expert_dtype,  # the sweep's format axis (stats name the stacks' dtype)
@@ -185,6 +196,7 @@ def spawn(args, preset: str, mode: str, engine_config=None) -> list[dict]:
            "--batches", *map(str, args.batches), "--beams", *map(str, args.beams),
            "--input_len", str(args.input_len), "--new_tokens", str(args.new_tokens), "--repeats", str(args.repeats)] + \
           (["--tiny"] if args.tiny else []) + (["--profile_all_rows"] if args.profile_all_rows else []) + \
+          (["--mesh", args.mesh] if args.mesh and engine_config is not None else []) + \
           (["--peer_mode", mode] if engine_config is None else ["--engine_config", to_json(engine_config)])
     t = time.perf_counter()
     env = dict(os.environ)

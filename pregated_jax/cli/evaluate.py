@@ -35,7 +35,7 @@ TASK_NAMES = ("debian", "xsum", "squad", "web_questions")
 
 
 def parse_args(argv=None):
-    from pregated_jax.engine_cli import add_engine_flags, add_process_flags
+    from pregated_jax.engine_cli import add_engine_flags, add_mesh_flag, add_process_flags
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", default="default",
@@ -62,6 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: the checkpoint's)")
     p.add_argument("--workdir", required=True, help="where predictions.jsonl and scores.json go")
     add_process_flags(p)
+    add_mesh_flag(p)
     add_engine_flags(p, mode=None)
     args = p.parse_args(argv)
     if args.data_file is None and (args.input_field != "inputs" or args.target_field != "targets"
@@ -107,7 +108,7 @@ def read_task(args):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from pregated_jax.engine_cli import engine_config_from_args, prepare_process
+    from pregated_jax.engine_cli import engine_config_from_args, mesh_from_args, prepare_process
     prepare_process(args)  # before the first JAX computation
     from pregated_jax.engine import InferenceEngine
     from pregated_jax.evaluation import evaluate
@@ -116,6 +117,10 @@ def main(argv=None) -> dict:
     workdir = Path(args.workdir)
     if args.checkpoint != "default" and not Path(args.checkpoint).exists():  # before reading any data
         raise SystemExit(f"error: checkpoint path {args.checkpoint} does not exist")
+    try:
+        mesh = mesh_from_args(args)
+    except ValueError as e:  # a malformed --mesh, or more devices than there are
+        raise SystemExit(f"error: {e}") from None
     examples, metric, split, label = read_task(args)
     if not examples:
         raise SystemExit(f"error: no examples to evaluate in {label}" + (f" split {split!r}" if split else ""))
@@ -127,7 +132,7 @@ def main(argv=None) -> dict:
     except (FileNotFoundError, ValueError) as e:  # no model there, a bad file (named)
         raise SystemExit(f"error: {e}") from None
     try:
-        engine = InferenceEngine(model, engine_config_from_args(args, routing=model.config.routing))
+        engine = InferenceEngine(model, engine_config_from_args(args, routing=model.config.routing), mesh=mesh)
     except ValueError as e:  # a mode that does not fit the model, a cache without a size
         raise SystemExit(f"error: {e}") from None
     del model
@@ -150,7 +155,7 @@ def main(argv=None) -> dict:
         "metric": metric, "metrics": result["metrics"], "num_examples": result["num_examples"],
         "settings": {"mode": engine.config.mode,
                      **{k: getattr(args, k) for k in ("num_beams", "batch_size", "max_new_tokens", "max_input_len",
-                                                      "max_examples", "dtype")},
+                                                      "max_examples", "dtype", "mesh")},
                      "engine": dataclasses.asdict(engine.config)},
         "stats": result["stats"],
     }

@@ -29,7 +29,7 @@ from pregated_jax.cli import HelpFormatter
 
 
 def parse_args(argv=None):
-    from pregated_jax.engine_cli import add_engine_flags, add_process_flags
+    from pregated_jax.engine_cli import add_engine_flags, add_mesh_flag, add_process_flags
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", default="default",
@@ -45,20 +45,25 @@ def parse_args(argv=None):
     p.add_argument("--profile", action="store_true", help="also time every MoE block (a synchronized pass)")
     p.add_argument("--warmup", action="store_true", help="compile with a first, untimed run of each batch")
     p.add_argument("--json", help="write outputs and statistics here")
+    p.add_argument("--save_trace", help="record the routing (--record_routing on) and write it here as a routing "
+                   "trace for plan_placement.py --trace")
     add_process_flags(p)
+    add_mesh_flag(p)
     add_engine_flags(p, mode=None)
     args = p.parse_args(argv)
     for name in ("num_beams", "max_new_tokens", "max_input_len", "batch_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.json:  # checked before the model loads and generates, not when the results are written
-        out = Path(args.json)
+    for flag in ("json", "save_trace"):  # checked before the model loads and generates, not when written
+        if getattr(args, flag) is None:
+            continue
+        out = Path(getattr(args, flag))
         if out.is_dir():
-            p.error(f"--json {out} is a directory; give a file path")
+            p.error(f"--{flag} {out} is a directory; give a file path")
         if not out.parent.is_dir():
-            p.error(f"--json {out}: folder {out.parent} does not exist")
+            p.error(f"--{flag} {out}: folder {out.parent} does not exist")
         if not os.access(out.parent, os.W_OK):
-            p.error(f"--json {out}: folder {out.parent} is not writable")
+            p.error(f"--{flag} {out}: folder {out.parent} is not writable")
     return args
 
 
@@ -95,7 +100,7 @@ def _usage_error(message: str):
 
 def main(argv=None):
     args = parse_args(argv)
-    from pregated_jax.engine_cli import engine_config_from_args, prepare_process
+    from pregated_jax.engine_cli import engine_config_from_args, mesh_from_args, prepare_process
     prepare_process(args)  # before the first JAX computation
     import numpy as np
     from tqdm import tqdm
@@ -105,6 +110,10 @@ def main(argv=None):
     from pregated_jax.loading import load_model, vocabulary_for
 
     texts = read_inputs(args)
+    try:
+        mesh = mesh_from_args(args)
+    except ValueError as e:  # a malformed --mesh, or more devices than there are
+        raise SystemExit(f"error: {e}") from None
     print(f"loading {args.checkpoint} ...", file=sys.stderr)
     try:
         # offload modes keep the experts in host memory: load them straight there, never onto the device
@@ -114,8 +123,10 @@ def main(argv=None):
         raise SystemExit(f"error: {e}") from None
     cfg = model.config
     try:
-        engine = InferenceEngine(model, engine_config_from_args(args, routing=cfg.routing))
-    except ValueError as e:  # a mode that does not fit the model, a cache without a size
+        config = engine_config_from_args(args, routing=cfg.routing,
+                                         record_routing=args.record_routing or args.save_trace is not None)
+        engine = InferenceEngine(model, config, mesh=mesh)
+    except ValueError as e:  # a mode that does not fit the model, a cache without a size, experts that do not split
         raise SystemExit(f"error: {e}") from None
     del model
     tok = Tokenizer(vocabulary_for(args.checkpoint))
@@ -152,6 +163,12 @@ def main(argv=None):
     print("\n" + "\n\n".join(s.table() for s in all_stats))
     if not args.warmup:
         print("(timings include JIT compilation; --warmup excludes it)")
+    if args.save_trace:
+        trace = None
+        for s in all_stats:
+            trace = s.routing_trace(cfg, trace, checkpoint=str(args.checkpoint), source="infer")
+        trace.save(args.save_trace)
+        print(f"wrote the routing trace ({trace.steps} steps) to {args.save_trace}", file=sys.stderr)
     if args.json:
         Path(args.json).write_text(json.dumps({"results": results, "stats": [s.as_dict() for s in all_stats]},
                                               indent=1))

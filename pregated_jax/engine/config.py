@@ -54,6 +54,10 @@ class EngineConfig:
       computes with the same quantized weights. A quantized store (`scripts/quantize.py`) needs its own
       format here, and keeps the group size it was written with.
     expert_group_size: int4's input rows per scale; must divide d_model and d_ff.
+    record_routing: count, per MoE block, the tokens every call routes to each expert and which experts fire
+      together (`RunStats.routing_trace`: a trace for `scripts/plan_placement.py --trace`, and each device's
+      load on a mesh). Every routed token counts, padding positions included: it is the engine's load. Off by
+      default: it adds a few small kernels per MoE block.
     """
 
     mode: str = "pregated"
@@ -69,6 +73,7 @@ class EngineConfig:
     copy_method: str = "auto"
     expert_dtype: str = "bfloat16"
     expert_group_size: int = DEFAULT_GROUP_SIZE
+    record_routing: bool = False
 
     def __post_init__(self):
         if self.decode_steps_per_call < 1 or self.check_every < 1:

@@ -24,6 +24,7 @@ class RunContext:
         self.guess = guess
         self.queue = CopyQueue(device, first=None if guess is None else guess.incoming)
         self.copied, self.speculation = [], []
+        self.routed: list = []  # (MoE block number, RouterDecision) of each MoE block run, with record_routing
         self.stats, self.track_memory, self.profile_blocks = stats, track_memory, profile_blocks
         self.moe_block_s = stats.moe_block_s if stats is not None else []
 
@@ -34,6 +35,25 @@ class RunContext:
     def add_speculation(self, counts):
         """counts [3] int32: (experts a guess or prediction had copied that were needed, needed, wasted)."""
         self.speculation.append(counts)
+
+    def add_routed(self, block: int, decision):
+        """decision: MoE block number `block`'s routing (over all E experts), to count (`record_routing`)."""
+        self.routed.append((block, decision))
+
+    def routing(self, num_blocks: int, num_experts: int):
+        """(tokens [blocks, E], co-activation [blocks, E, E]) int32 of the decisions added (`add_routed`), or None
+        without any: co-activation[b, i, j] is 1 where experts i and j both received a token in this pass."""
+        if not self.routed:
+            return None
+        counts = jnp.zeros((num_blocks, num_experts), jnp.int32)
+        coactive = jnp.zeros((num_blocks, num_experts, num_experts), jnp.int32)
+        for block, decision in self.routed:
+            index = jnp.where(decision.keep, decision.expert_index, num_experts).reshape(-1)  # E: dropped
+            c = jnp.bincount(index, length=num_experts + 1)[:num_experts].astype(jnp.int32)  # [E]
+            active = (c > 0).astype(jnp.int32)  # [E]
+            counts = counts.at[block].add(c)
+            coactive = coactive.at[block].add(active[:, None] * active[None, :])
+        return counts, coactive
 
     def sample_memory(self, device):
         self.stats.sample_memory(device)
@@ -55,4 +75,6 @@ class RunContext:
             stats.add_copied(n)
         for counts in self.speculation:
             stats.add_speculation(counts)
+        if self.routed:
+            stats.add_routing(self.routing(*stats.routing_shape))
         return self.caches

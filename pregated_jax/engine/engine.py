@@ -23,9 +23,11 @@ from pregated_jax import native
 from pregated_jax.engine import cache as C
 from pregated_jax.engine import fetch as F
 from pregated_jax.engine import guess as G
+from pregated_jax.engine import on_mesh
 from pregated_jax.engine import schedule
 from pregated_jax.engine.config import MODES, EngineConfig
 from pregated_jax.engine.context import RunContext
+from pregated_jax.engine.mesh_layout import MeshLayout, pad_rows
 from pregated_jax.engine.placement import ModelProgram, Memories, cross_kv
 from pregated_jax.engine.search import all_finished, beam_step, best_sequences, greedy_step, init_search, reorder
 from pregated_jax.engine.stack_pass import StackPass
@@ -66,7 +68,10 @@ class InferenceEngine:
     """Generates with expert weights in host memory and everything else on the device."""
 
     def __init__(self, model: SwitchTransformer, config: EngineConfig | None = None, *,
-                 device: jax.Device | None = None, **overrides):
+                 device: jax.Device | None = None, mesh: jax.sharding.Mesh | None = None, **overrides):
+        """device: the one device to run on (default: the first); or `mesh` (`pregated_jax.make_mesh`), whose
+        devices each hold a share of the experts (split over `expert`) and of the rows (over `data`), as
+        `pregated_jax.engine.mesh_layout` describes. A one-device mesh runs as that device."""
         config = dataclasses.replace(config or EngineConfig(), **overrides)
         cfg = model.config
         if config.mode == "pregated" and cfg.routing != "pregated":
@@ -77,15 +82,34 @@ class InferenceEngine:
                              "conventional model; use mode 'pregated' for a pre-gated one")
         model.eval()  # inference is deterministic: no dropout, no router jitter
         self.config, self.model_config = config, cfg
-        self.mem = Memories.for_device(device)
-        if config.mode == "gpu-only":  # experts placed on the device, as the ceiling
-            self.mem = dataclasses.replace(self.mem, on_host=self.mem.on_device)
-        self.program = ModelProgram.from_model(model, self.mem, config.expert_dtype, config.expert_group_size)
+        if mesh is not None and device is not None:
+            raise ValueError("give the engine a device or a mesh, not both")
+        if mesh is not None and mesh.size == 1:
+            device, mesh = mesh.devices.flat[0], None
+        # on a mesh: how weights, rows and routing are split over its devices (None on one device)
+        self.layout = None if mesh is None else MeshLayout(mesh, cfg.num_experts)
+        resident = config.mode == "gpu-only"  # experts placed on the device, as the ceiling
+        if self.layout is None:
+            self.mem = Memories.for_device(device)
+            if resident:
+                self.mem = dataclasses.replace(self.mem, on_host=self.mem.on_device)
+            placed = self.mem
+        else:
+            on_mesh.check_config(config)
+            placed, self.mem = self.layout.placement(resident), self.layout.traced(resident)
+        # on a mesh the stacks keep a load-balanced placement's order: it decides which device holds which expert
+        self.program = ModelProgram.from_model(model, placed, config.expert_dtype, config.expert_group_size,
+                                               physical=self.layout is not None)
         some = self.program.encoder.blocks[self.program.encoder.moe_blocks[0]] if self.program.encoder.moe_blocks \
             else self.program.decoder.blocks[self.program.decoder.moe_blocks[0]]
-        self.num_experts, self.expert_bytes = some.num_experts, some.expert_bytes
+        # experts of an MoE block that one device holds, copies and caches (on a mesh: its share)
+        self.num_experts = some.num_experts if self.layout is None else self.layout.local_experts
+        self.expert_bytes = some.expert_bytes
         self.expert_format = some.expert_format
         self.num_moe_blocks = len(self.program.encoder.moe_blocks) + len(self.program.decoder.moe_blocks)
+        # (stack, block) -> the MoE block's number, encoder blocks first (the routing statistics' order)
+        self.moe_number = {(sp.kind, i): n for n, (sp, i) in enumerate(
+            (sp, i) for sp in (self.program.encoder, self.program.decoder) for i in sp.moe_blocks)}
         if config.cache_experts is not None and config.cache_experts > self.num_experts:
             raise ValueError(f"cache_experts={config.cache_experts} is more than the {self.num_experts} experts of "
                              f"an MoE block: allowed 1 to {self.num_experts} slots per block")
@@ -113,15 +137,18 @@ class InferenceEngine:
             for sp in (self.program.encoder, self.program.decoder):
                 for i in sp.moe_blocks:
                     b = sp.blocks[i]
-                    self.caches[(sp.kind, i)] = C.empty_cache(self.cache_slots, b.host_wi, b.host_wo,
-                                                              self.mem.on_device)
+                    self.caches[(sp.kind, i)] = (
+                        C.empty_cache(self.cache_slots, b.host_wi, b.host_wo, self.mem.on_device)
+                        if self.layout is None else on_mesh.empty_caches(self, b))
         # The fused decode step takes the decoder's weights as one flat list of arrays, flattened once
         # here: flattening the nested program (hundreds of nnx Variables) on every call costs about as much
         # host time as a small model's decode step takes on the GPU.
         decoder_program = dataclasses.replace(self.program, encoder=None)
         self._decoder_leaves, treedef = jax.tree.flatten(decoder_program)
-        self._decode_step = jax.jit(functools.partial(self._flat_step, treedef), static_argnums=(7, 8),
+        step = self._flat_step if self.layout is None else on_mesh.decode_step(self)
+        self._decode_step = jax.jit(functools.partial(step, treedef), static_argnums=(7, 8),
                                     donate_argnums=(1, 2, 5, 9))
+        self._prefill_on_mesh = None if self.layout is None else on_mesh.Prefill(self)
 
     # --- sizing -------------------------------------------------------------------------------------
     def _cache_slots(self) -> int | None:
@@ -221,8 +248,10 @@ class InferenceEngine:
 
     def _copy_method(self) -> str:
         method = self.config.copy_method
-        if self.config.mode in ("gpu-only", "prefetch-all"):
-            return "xla"  # nothing routed is copied: experts resident, or whole blocks
+        if self.config.mode in ("gpu-only", "prefetch-all") or self.layout is not None:
+            # nothing routed is copied (experts resident, or whole blocks); on a mesh, the copies are part of
+            # the per-device program and the native copies serve one device
+            return "xla"
         if method == "auto":
             if self.mem.device.platform != "gpu":
                 return "xla"
@@ -254,8 +283,9 @@ class InferenceEngine:
                    num_steps, guess):
         """`num_steps` decode steps (`_step`), the decoder program given as flat leaves (see __init__).
 
-        -> (search, kv, caches, experts copied, [speculative hits, needed, wasted], guess), counts summed
-        over the steps.
+        -> (search, kv, caches, experts copied, [speculative hits, needed, wasted], guess, routing), counts
+        summed over the steps; routing: (tokens [MoE blocks, E], co-activation [MoE blocks, E, E]) with
+        `record_routing`, else None.
         """
         program = jax.tree.unflatten(treedef, leaves)
         step = functools.partial(self._step, program, cross=cross, cross_bias=cross_bias,
@@ -264,27 +294,35 @@ class InferenceEngine:
             return step(search=search, kv=kv, caches=caches, guess=guess)
 
         def body(carry):
-            n, search, kv, caches, copied, speculation, guess = carry
-            search, kv, caches, c, s, guess = step(search=search, kv=kv, caches=caches, guess=guess)
-            return n + 1, search, kv, caches, copied + c, speculation + s, guess
+            n, search, kv, caches, copied, speculation, guess, routing = carry
+            search, kv, caches, c, s, guess, r = step(search=search, kv=kv, caches=caches, guess=guess)
+            return n + 1, search, kv, caches, copied + c, speculation + s, guess, jax.tree.map(jnp.add, routing, r)
 
         def more(carry):  # with stop_when_finished, a data-dependent exit: a device->host read per step
             n, search = carry[:2]
             if self.config.stop_when_finished:
-                return (n < num_steps) & ~jnp.all(search.finished)
+                unfinished = ~jnp.all(search.finished)
+                if self.layout is not None:  # every device runs as many steps: until every row of the mesh ends
+                    unfinished = self.layout.any_device(unfinished)
+                return (n < num_steps) & unfinished
             return n < num_steps
 
-        carry = (jnp.int32(0), search, kv, caches, jnp.int32(0), jnp.zeros((3,), jnp.int32), guess)
+        routing = None
+        if self.config.record_routing:
+            blocks, e = self.num_moe_blocks, self.model_config.num_experts
+            routing = (jnp.zeros((blocks, e), jnp.int32), jnp.zeros((blocks, e, e), jnp.int32))
+        carry = (jnp.int32(0), search, kv, caches, jnp.int32(0), jnp.zeros((3,), jnp.int32), guess, routing)
         return jax.lax.while_loop(more, body, carry)[1:]
 
     def _step(self, program, search, kv, cross, cross_bias, caches, key_positions, num_beams, guess):
         """One decode step for every row, traced into a single jitted function (`_decode`).
 
-        -> (search, kv, caches, copied, speculation, the next step's guess)."""
+        -> (search, kv, caches, copied, speculation, the next step's guess, routing or None)."""
         ctx = RunContext(caches, self.mem.on_device, guess=self._step_guess(guess, search))
         search, kv = self._decode(program, search, kv, cross, cross_bias, ctx, key_positions, num_beams)
         copied, speculation = ctx.totals()
-        return search, kv, ctx.caches, copied, speculation, ctx.next_guess(search.last)
+        routing = ctx.routing(self.num_moe_blocks, self.model_config.num_experts)
+        return search, kv, ctx.caches, copied, speculation, ctx.next_guess(search.last), routing
 
     def _decode(self, program, search, kv, cross, cross_bias, ctx, key_positions, num_beams):
         """One decode step, traced (`_step`) or dispatched block by block (the reference). -> (search, kv).
@@ -329,30 +367,24 @@ class InferenceEngine:
         if self.cache_slots is not None and self.cache_slots < min(rows, self.num_experts):
             raise ValueError(f"cache_experts={self.cache_slots} per block is less than the {rows} tokens a "
                              f"decode step may route (batch x beams); raise it or the budget")
-        check_request_fits(cfg, self.mem.device, batch, input_ids.shape[1], max_new_tokens, num_beams,
-                           self.expert_buffer_bytes(input_ids.size, rows))
+        # on a mesh, each data group of devices holds batch / data rows (the batch padded to divide evenly)
+        per_device = batch if self.layout is None else self.layout.padded_batch(batch) // self.layout.data
+        check_request_fits(cfg, self.mem.device, per_device, input_ids.shape[1], max_new_tokens, num_beams,
+                           self.expert_buffer_bytes(per_device * input_ids.shape[1], per_device * num_beams))
+        if self.layout is not None and (profile_blocks or track_memory or not fused):
+            raise ValueError("on a mesh the engine runs fused dispatches only: profile_blocks, track_memory and "
+                             "fused=False need one device")
         fused = fused and not profile_blocks
         stats = RunStats.start(self, batch, num_beams, input_ids.shape[1], max_new_tokens)
         watch = Stopwatch()
-        ids, mask = put(input_ids), put(mask)
-        program = self.program
-
-        # Prefill: the encoder over the whole input, block by block, then cross-attention keys/values.
-        ctx = RunContext(self.caches, self.mem.on_device, stats, track_memory=track_memory,
-                         profile_blocks=profile_blocks)
-        enc = program.encoder
-        positions = jax.device_put(np.arange(input_ids.shape[1], dtype=np.int32), self.mem.on_device)
-        x = program.embed(ids)
-        hidden, _ = StackPass(self, ctx, enc, x)(x, enc.self_bias(positions, positions, mask))
-        if num_beams > 1:
-            hidden, mask = reorder((hidden, mask), put(np.repeat(np.arange(batch), num_beams)))
-        dec = program.decoder
-        cross = [cross_kv(b.graphdef, b.state, b.placeholder, hidden) for b in dec.blocks]
-        cross_bias = _padding_bias(mask)
-        kv = _init_caches(rows, cfg, max_new_tokens, self.mem.on_device)
-        key_positions = jax.device_put(np.arange(max_new_tokens, dtype=np.int32), self.mem.on_device)
-        search = init_search(batch, num_beams, max_new_tokens, cfg.decoder_start_token_id)
-        self.caches = ctx.flush_into(stats)
+        if self.layout is None:
+            hidden, cross, cross_bias, kv, key_positions, search = self._prefill(
+                put(input_ids), put(mask), num_beams, max_new_tokens, stats, track_memory, profile_blocks)
+        else:
+            rows_padded = self.layout.padded_batch(batch)
+            hidden, cross, cross_bias, kv, key_positions, search = self._prefill_on_mesh(
+                pad_rows(input_ids.astype(np.int32), rows_padded), pad_rows(mask.astype(np.int32), rows_padded),
+                num_beams, max_new_tokens, stats)
         stats.mark_prefill_done(self)
         # A fused first decode dispatch is queued before the host waits for the prefill, so the device goes
         # from the prefill's last kernel straight into the decode loop instead of idling while the host
@@ -371,11 +403,12 @@ class InferenceEngine:
                 native.check_device_wait()
             n = min(self.config.decode_steps_per_call, max_new_tokens - t) if fused else 1
             if fused:
-                search, kv, self.caches, copied, speculation, guess = self._decode_step(
+                search, kv, self.caches, copied, speculation, guess, routing = self._decode_step(
                     self._decoder_leaves, search, kv, cross, cross_bias, self.caches, key_positions, num_beams, n,
                     guess)
                 stats.add_copied(copied)
                 stats.add_speculation(speculation)
+                stats.add_routing(routing)
                 if track_memory:
                     stats.sample_memory(self.mem.device)
                 if t == 0:
@@ -383,7 +416,8 @@ class InferenceEngine:
             else:
                 ctx = RunContext(self.caches, self.mem.on_device, stats, track_memory=track_memory,
                                  profile_blocks=profile_blocks, guess=self._step_guess(guess, search))
-                search, kv = self._decode(program, search, kv, cross, cross_bias, ctx, key_positions, num_beams)
+                search, kv = self._decode(self.program, search, kv, cross, cross_bias, ctx, key_positions,
+                                          num_beams)
                 self.caches, guess = ctx.flush_into(stats), ctx.next_guess(search.last)
             done_before, t = t, t + n
             if progress is not None:
@@ -403,12 +437,34 @@ class InferenceEngine:
             stats.add_speculation(G.discard(guess))
         # one transfer; steps run, not dispatched: a fused dispatch may stop early
         tokens, steps = jax.device_get((best_sequences(search, length_penalty), search.step))
-        tokens, stats.steps = np.asarray(tokens), int(steps)
+        tokens, stats.steps = np.asarray(tokens)[:batch], int(steps)  # a mesh's padding rows dropped
         stats.decode_s = watch.lap()
         if self.copy_method == "dma":
             native.check_device_wait()  # the last dispatches' copies
         stats.finish(self)
         return GenerationResult(tokens, stats)
+
+    def _prefill(self, ids, mask, num_beams, max_new_tokens, stats, track_memory, profile_blocks):
+        """The encoder over the whole input, block by block, then cross-attention keys/values and the decoder's
+        empty caches. ids, mask [B, S] on the device -> (hidden, cross, cross_bias, kv, key_positions, search)."""
+        cfg, program, batch = self.model_config, self.program, ids.shape[0]
+        ctx = RunContext(self.caches, self.mem.on_device, stats, track_memory=track_memory,
+                         profile_blocks=profile_blocks)
+        enc = program.encoder
+        positions = jax.device_put(np.arange(ids.shape[1], dtype=np.int32), self.mem.on_device)
+        x = program.embed(ids)
+        hidden, _ = StackPass(self, ctx, enc, x)(x, enc.self_bias(positions, positions, mask))
+        if num_beams > 1:
+            rows = jax.device_put(np.repeat(np.arange(batch, dtype=np.int32), num_beams), self.mem.on_device)
+            hidden, mask = reorder((hidden, mask), rows)
+        dec = program.decoder
+        cross = [cross_kv(b.graphdef, b.state, b.placeholder, hidden) for b in dec.blocks]
+        cross_bias = _padding_bias(mask)
+        kv = _init_caches(batch * num_beams, cfg, max_new_tokens, self.mem.on_device)
+        key_positions = jax.device_put(np.arange(max_new_tokens, dtype=np.int32), self.mem.on_device)
+        search = init_search(batch, num_beams, max_new_tokens, cfg.decoder_start_token_id)
+        self.caches = ctx.flush_into(stats)
+        return hidden, cross, cross_bias, kv, key_positions, search
 
     def _first_guess(self, rows: int) -> F.PendingSlots | None:
         """The first decode step's first-block guess, started (`guess.first`), or None where the engine

@@ -109,10 +109,16 @@ class BlockProgram:
     router_classifier: Array | None = None  # [d, E] own gate, on the device (speculative prediction)
     # one per leaf of (host_wi, host_wo), in `jax.tree.leaves` order
     host_stacks: tuple[HostStack, ...] | None = struct.field(pytree_node=False, default=None)
+    # [E] int32, the row of host_wi/host_wo holding each logical expert, when the stacks keep a load-balanced
+    # placement's physical order (`pregated_jax.expert_placement`; on a mesh, row p is on device p // E_loc);
+    # None: row e holds logical expert e
+    phys_of_logical: Array | None = None
 
     @classmethod
     def from_block(cls, block: Block, mem: Memories, dtype, expert_dtype: str = "bfloat16",
-                   group_size: int = DEFAULT_GROUP_SIZE) -> "BlockProgram":
+                   group_size: int = DEFAULT_GROUP_SIZE, physical: bool = False) -> "BlockProgram":
+        """physical: keep the expert stacks in the model's placement order (a mesh: the placement decides which
+        device holds which expert) instead of the logical order."""
         graphdef, experts, rest = nnx.split(block, _is_expert_weight, ...)
         rest = jax.device_put(rest, mem.on_device)
         placeholder = jax.tree.map(lambda _: jnp.zeros((0,), dtype), experts)
@@ -121,14 +127,20 @@ class BlockProgram:
             return cls(graphdef, rest, placeholder, False)
         put = lambda a, where: jax.device_put(a, where)  # noqa: E731
         router = None if block.router is None else put(block.router.classifier[...], mem.on_device)
-        wi, wo = block.experts.logical_weights()  # the engine indexes experts by the router's (logical) ids
+        phys = block.experts.phys_of_logical
+        if physical and phys is not None:
+            wi, wo = block.experts.wi[...], block.experts.wo[...]
+            phys = put(np.asarray(phys, np.int32), mem.on_device)
+        else:
+            wi, wo = block.experts.logical_weights()  # the engine indexes experts by the router's (logical) ids
+            phys = None
         host_wi = place_experts(wi, mem, expert_dtype, group_size, dtype, "experts.wi")
         host_wo = place_experts(wo, mem, expert_dtype, group_size, dtype, "experts.wo")
         # addresses for the native copies, every leaf (not in gpu-only mode, whose stacks are on the device);
         # this program keeps the arrays alive
         leaves = jax.tree.leaves((host_wi, host_wo))
         stacks = tuple(HostStack.of(a) for a in leaves) if HostStack.readable(leaves[0]) else None
-        return cls(graphdef, rest, placeholder, True, host_wi, host_wo, router, stacks)
+        return cls(graphdef, rest, placeholder, True, host_wi, host_wo, router, stacks, phys)
 
     @property
     def num_experts(self) -> int:
@@ -186,10 +198,10 @@ class StackProgram:
 
     @classmethod
     def from_stack(cls, stack, mem: Memories, dtype, expert_dtype: str = "bfloat16",
-                   group_size: int = DEFAULT_GROUP_SIZE) -> "StackProgram":
+                   group_size: int = DEFAULT_GROUP_SIZE, physical: bool = False) -> "StackProgram":
         bias_gd, bias_state = nnx.split(stack.relative_bias)
         norm_gd, norm_state = nnx.split(stack.final_norm)
-        blocks = [BlockProgram.from_block(b, mem, dtype, expert_dtype, group_size) for b in stack.blocks]
+        blocks = [BlockProgram.from_block(b, mem, dtype, expert_dtype, group_size, physical) for b in stack.blocks]
         return cls(Static(bias_gd), jax.device_put(bias_state, mem.on_device), Static(norm_gd),
                    jax.device_put(norm_state, mem.on_device), blocks, stack.kind)
 
@@ -228,15 +240,16 @@ class ModelProgram:
 
     @classmethod
     def from_model(cls, model: SwitchTransformer, mem: Memories | None = None, expert_dtype: str = "bfloat16",
-                   group_size: int = DEFAULT_GROUP_SIZE) -> "ModelProgram":
-        """expert_dtype, group_size: the experts' format in host memory (`quant`)."""
+                   group_size: int = DEFAULT_GROUP_SIZE, physical: bool = False) -> "ModelProgram":
+        """expert_dtype, group_size: the experts' format in host memory (`quant`); physical: keep a placement's
+        order of the expert stacks (`BlockProgram.from_block`)."""
         mem = mem or Memories.for_device()
         cfg = model.config
         dtype = jnp.dtype(cfg.dtype)
         lm_head = None if cfg.tie_word_embeddings else jax.device_put(model.lm_head[...], mem.on_device)
         return cls(cfg, jax.device_put(model.shared[...], mem.on_device), lm_head,
-                   StackProgram.from_stack(model.encoder, mem, dtype, expert_dtype, group_size),
-                   StackProgram.from_stack(model.decoder, mem, dtype, expert_dtype, group_size), mem)
+                   StackProgram.from_stack(model.encoder, mem, dtype, expert_dtype, group_size, physical),
+                   StackProgram.from_stack(model.decoder, mem, dtype, expert_dtype, group_size, physical), mem)
 
     def embed(self, ids):
         return _embed(self.shared, ids, self.config.dtype)

@@ -9,6 +9,8 @@ orders them on the copy engine.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 
 from pregated_jax.engine import cache as C
@@ -16,6 +18,7 @@ from pregated_jax.engine import fetch as F
 from pregated_jax.engine import guess as G
 from pregated_jax.engine import sources as S
 from pregated_jax.engine.context import RunContext
+from pregated_jax.engine.mesh_layout import EXPERT
 from pregated_jax.engine.placement import StackProgram
 from pregated_jax.engine.stats import Stopwatch
 from pregated_jax.moe import ExpertSlots
@@ -26,12 +29,16 @@ class StackPass:
 
     def __init__(self, engine, run: RunContext, sp: StackProgram, x):
         self.engine, self.run, self.sp = engine, run, sp
-        e = engine.num_experts
-        self.k = min(e, x.shape[0] * x.shape[1])  # slots a routed copy needs: at most one per token
+        tokens = x.shape[0] * x.shape[1]
+        self.k = min(engine.num_experts, tokens)  # slots a routed copy needs: at most one per token (and expert)
         # the call needs most experts of a block (prefill), or its routed tables would not fit the device
-        # budget: either way whole blocks are copied, in chunks under a budget
-        self.dense = 2 * self.k >= e or engine.tables_exceed_budget(self.k)
+        # budget: either way whole blocks are copied, in chunks under a budget. Judged over all E experts, so
+        # that on a mesh (where a device holds E / expert of them) every device decides as one device would.
+        e = engine.model_config.num_experts
+        self.dense = 2 * min(e, tokens) >= e or engine.tables_exceed_budget(self.k)
         self.capacity = engine.model_config.capacity(x.shape[1])
+        # on a mesh, each device copies and computes only its own experts (`mesh_layout`)
+        self.layout = engine.layout
 
     def __call__(self, x, bias, *, cross=None, cross_bias=None, caches=None, cache_index=None):
         """Runs every block. -> (final-normed hidden, new self-attention caches or None)."""
@@ -78,6 +85,7 @@ class StackPass:
         """Starts copying block i's experts for a decision made before its gate: a pre-gate's (`exact`) or
         a prediction. -> the block's source, or None to decide after its gate."""
         engine, run = self.engine, self.run
+        decision = self._mine(decision, i)
         if self.dense and engine.chunk < engine.num_experts:
             return None  # bounded buffers: streamed after the gate
         if self.dense and not engine.dense_routed_only:
@@ -98,6 +106,7 @@ class StackPass:
     def source_after_gate(self, sp, i, decision):
         """The source of a block that has none once its gate has run."""
         engine = self.engine
+        decision = self._mine(decision, i)
         if self.dense and not engine.dense_routed_only:
             return S.Streamed()
         if engine.cache_slots is not None:
@@ -120,6 +129,9 @@ class StackPass:
     def apply_experts(self, i, x, h, decision, source: S.Source):
         """Block i's MoE sublayer with its experts taken from `source`. -> x."""
         b, run, queue = self.sp.blocks[i], self.run, self.run.queue
+        if self.engine.config.record_routing:
+            run.add_routed(self.engine.moe_number[(self.sp.kind, i)], decision)
+        decision = self._mine(decision, i)
         match source:
             case S.Resident():  # the "host" stacks are on the device
                 slots = ExpertSlots(b.host_wi, b.host_wo, None)
@@ -146,7 +158,16 @@ class StackPass:
                 slots = self._cache_lookup(i, needed).slots
             case _:
                 raise TypeError(f"not an expert source: {source!r}")
-        return b.ffn_output(x, h, decision, slots)
+        return b.ffn_output(x, h, decision, self._shared(slots))
+
+    def _mine(self, decision, i):
+        """Block i's decision as this device sees it: on a mesh, only its own experts' tokens (local ids)."""
+        return (decision if self.layout is None
+                else self.layout.local_decision(decision, self.sp.blocks[i].phys_of_logical))
+
+    def _shared(self, slots: ExpertSlots) -> ExpertSlots:
+        """On a mesh, marks a table as this device's share: the devices' outputs are summed over `expert`."""
+        return slots if self.layout is None else dataclasses.replace(slots, sum_over=EXPERT)
 
     def _needed(self, decision):
         return F.needed_experts_jit(decision, self.k)
@@ -177,7 +198,7 @@ class StackPass:
             _backpressure(x)  # chunk n-1 consumed: its buffer is free before chunk n+1 is allocated
             upcoming = (F.fetch_range(b.host_wi, b.host_wo, starts[n + 1], size(starts[n + 1]), device)
                         if n + 1 < len(starts) else None)
-            x = b.ffn_output(x, h, decision, current)  # residual chaining sums the chunks' outputs
+            x = b.ffn_output(x, h, decision, self._shared(current))  # residual chaining sums the chunks' outputs
             current = upcoming
         return x
 

@@ -52,6 +52,11 @@ class RunStats:
     copy_method: str | None = None  # "xla" or "dma", and the method of speculative misses if different
     expert_dtype: str = "bfloat16"  # the experts' format in host memory and in copies (a quantized format's name,
     # else the stacks' dtype); expert_bytes is its size
+    # record_routing: tokens routed to each logical expert [MoE blocks][E] (encoder blocks first), and on a mesh
+    # the tokens each device of the `expert` axis computed [MoE blocks][devices] (`routing_trace` has the rest)
+    expert_tokens: list | None = None
+    device_tokens: list | None = None
+    routing_shape: tuple = dataclasses.field(default=(0, 0), repr=False)  # (MoE blocks, E) of the counts
     _cache_baseline: tuple = (0, 0)
     _cache_at_prefill: tuple = (0, 0)
     _prefill_mark: int = 0
@@ -59,12 +64,15 @@ class RunStats:
     _decode_wasted: int = 0  # speculative_wasted of the decode steps alone
     _copied: list = dataclasses.field(default_factory=list, repr=False)
     _speculation: list = dataclasses.field(default_factory=list, repr=False)
+    _routing: list = dataclasses.field(default_factory=list, repr=False)  # (counts, co-activation) per pass
+    _coactivation: object = dataclasses.field(default=None, repr=False)  # [MoE blocks, E, E] int64
 
     @classmethod
     def start(cls, engine, batch, beams, input_len, max_new_tokens) -> "RunStats":
         stats = cls(engine.config.mode, batch, beams, input_len, max_new_tokens, engine.expert_bytes,
                     copy_method=_copy_methods(engine), expert_dtype=engine.expert_format)
         stats._cache_baseline = _cache_counters(engine)  # caches persist across runs
+        stats.routing_shape = (engine.num_moe_blocks, engine.model_config.num_experts)
         return stats
 
     def add_copied(self, n):
@@ -85,6 +93,11 @@ class RunStats:
     def add_speculation(self, pair):
         self._speculation.append(pair)
 
+    def add_routing(self, routing):
+        """routing: (tokens [blocks, E], co-activation [blocks, E, E]) device arrays of one or more passes, or None."""
+        if routing is not None:
+            self._routing.append(routing)
+
     def finish(self, engine):
         """Reads the device-side counters (one transfer, after the run)."""
         self.experts_copied = _total(self._copied)
@@ -103,9 +116,29 @@ class RunStats:
             self.cache_hits = hits - self._cache_baseline[0]
             self.cache_misses = misses - self._cache_baseline[1]
             self.experts_copied += self.cache_misses
+        if self._routing:
+            counts, coactive = (np.sum(np.asarray(a, np.int64), axis=0) for a in zip(*jax.device_get(self._routing)))
+            self.expert_tokens, self._coactivation = counts.tolist(), coactive
+            if engine.layout is not None:
+                self.device_tokens = _device_tokens(engine, counts).tolist()
         mem = engine.mem.device.memory_stats() or {}
         self.peak_device_bytes = mem.get("peak_bytes_in_use")
-        self._copied, self._speculation = [], []
+        self._copied, self._speculation, self._routing = [], [], []
+
+    def routing_trace(self, model_config, trace=None, **meta):
+        """The recorded routing (`record_routing`) as an `expert_placement.RoutingTrace` (added to `trace` when
+        given): one step for the prefill and one per decode step."""
+        from pregated_jax.expert_placement import RoutingTrace, moe_block_names
+
+        if self.expert_tokens is None:
+            raise ValueError("this run recorded no routing: create the engine with record_routing=True")
+        names = moe_block_names(model_config)
+        trace = trace or RoutingTrace.empty(model_config.num_experts, names, **meta)
+        for b, name in enumerate(names):
+            trace.counts[name] += np.asarray(self.expert_tokens[b], np.int64)
+            trace.coactivation[name] += self._coactivation[b]
+        trace.steps += 1 + self.steps
+        return trace
 
     # --- derived figures --------------------------------------------------------------------------
     @property
@@ -157,6 +190,19 @@ class RunStats:
         return "\n".join(["| statistic | value |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in rows])
 
 
+def _device_tokens(engine, counts: np.ndarray) -> np.ndarray:
+    """Tokens each device of the mesh's `expert` axis computed, per MoE block: counts [blocks, E] (logical) ->
+    [blocks, devices], through each block's placement (stack row p on device p // E_loc)."""
+    program, e_loc = engine.program, engine.layout.local_experts
+    blocks = [sp.blocks[i] for sp in (program.encoder, program.decoder) for i in sp.moe_blocks]
+    out = np.zeros((len(blocks), engine.layout.expert), np.int64)
+    for b, block in enumerate(blocks):
+        rows = (np.arange(counts.shape[1]) if block.phys_of_logical is None
+                else np.asarray(jax.device_get(block.phys_of_logical)))  # [E] stack row of each logical expert
+        np.add.at(out[b], rows // e_loc, counts[b])
+    return out
+
+
 def _total(counts) -> int:
     """Sums Python ints and device scalars (the latter in one transfer)."""
     dynamic = [n for n in counts if not isinstance(n, int)]
@@ -180,7 +226,8 @@ def _cache_counter_sums(engine) -> jax.Array:
 
 @jax.jit
 def _sum_pairs(pairs):
-    return jnp.stack([sum(h for h, _ in pairs), sum(m for _, m in pairs)])
+    # a cache's counters are scalars, or one per device on a mesh ([devices]): summed either way
+    return jnp.stack([sum(jnp.sum(h) for h, _ in pairs), sum(jnp.sum(m) for _, m in pairs)])
 
 
 def _rate(x):
