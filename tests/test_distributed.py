@@ -7,6 +7,10 @@ of a fixed global batch and makes global arrays from them, then runs the expert-
 all-to-all) forward and backward, and the tiny pre-gated model's loss and gradients on the mesh. It writes the
 results (gathered to the host) to an .npz; the test compares both processes' files with the single-device
 results computed here, within 1e-5.
+
+In a second mode (`train`), both processes run `train_and_evaluate` on the (2, 4) mesh with one shared workdir:
+3 steps, then a resume to 5; the test compares the primary's metrics.jsonl and the checkpoints (restored on one
+device) with a single-device run on the same global batches.
 """
 
 from __future__ import annotations
@@ -123,6 +127,110 @@ def _worker(port: str, process_id: int, out: str) -> None:
     print(json.dumps({"process": process_id, "devices": [d.id for d in mesh.devices.flat], "rows": [rows.start, rows.stop]}))
 
 
+def _train_batches(n: int = 5) -> list[dict]:
+    """`n` fixed global batches [B, ...] (numpy, identical in every process)."""
+    rng = np.random.default_rng(1)
+
+    def batch():
+        return {"input_ids": rng.integers(2, 128, (B, S)), "decoder_input_ids": rng.integers(2, 128, (B, T)),
+                "labels": rng.integers(2, 128, (B, T)), "attention_mask": np.ones((B, S), np.int32),
+                "decoder_attention_mask": (np.arange(T)[None] < rng.integers(2, T + 1, (B, 1))).astype(np.int32)}
+    return [batch() for _ in range(n)]
+
+
+TRAIN_STEPS = (3, 5)  # a run of 3 steps (checkpoint at 3), then resumed to 5 (checkpoint at 5)
+
+
+def _train_config(num_steps: int, mesh: tuple[int, int] | None):
+    """The tiny pre-gated model (8 experts, dropout off: deterministic losses) on `mesh` (None: one device)."""
+    from pregated_jax.mesh import MeshConfig
+    from pregated_jax.train.config import ModelConfig, TrainConfig, TrainingConfig
+
+    return TrainConfig(model=ModelConfig("tiny", {"num_experts": E, "dropout_rate": 0.0, "routing": "pregated"}),
+                       training=TrainingConfig(batch_size=B, max_input_len=S, max_target_len=T, num_steps=num_steps,
+                                               checkpoint_every=3, log_every=1, eval_every=100, tensorboard=True),
+                       mesh=MeshConfig() if mesh is None else MeshConfig(*mesh))
+
+
+class _Batches:
+    """Fixed global batches as a stateful iterator: the loop saves its position with each checkpoint (one file
+    per process) and a resume sets it from there."""
+
+    def __init__(self, batches: list[dict]):
+        self.batches, self.next = batches, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self.next >= len(self.batches):
+            raise StopIteration
+        self.next += 1
+        return self.batches[self.next - 1]
+
+    def get_state(self) -> dict:
+        return {"next": self.next}
+
+    def set_state(self, state: dict) -> None:
+        self.next = state["next"]
+
+
+def _train(workdir: str, mesh: tuple[int, int] | None) -> list[list]:
+    """`train_and_evaluate` for each of TRAIN_STEPS in `workdir`, each from a fresh iterator over the same
+    batches (a resume continues at the saved position): [[step, loss], ...]."""
+    from pregated_jax.train.loop import train_and_evaluate
+
+    losses = []
+    for num_steps in TRAIN_STEPS:
+        final = train_and_evaluate(_train_config(num_steps, mesh), workdir, _Batches(_train_batches()),
+                                   step_callback=lambda step, m: losses.append([step, m["train/loss"]]))
+        assert final["step"] == num_steps, final
+    return losses
+
+
+def _train_worker(port: str, process_id: int, workdir: str, out: str) -> None:
+    """One process of the 2-process training run: its losses (seen by every process) go to `out` (JSON)."""
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.config.update("jax_default_matmul_precision", "highest")
+    from pregated_jax.distributed import initialize
+
+    assert initialize(f"127.0.0.1:{port}", PROCESSES, process_id)
+    Path(out).write_text(json.dumps({"process": process_id, "losses": _train(workdir, (2, 4))}))
+
+
+def _run_processes(argv, env_of) -> list[tuple[str, str]]:
+    """Runs this file as PROCESSES subprocesses (`argv(i)`, `env_of(i)`); their (stdout, stderr), after
+    asserting each exited 0 within TIMEOUT_S."""
+    procs = [subprocess.Popen([sys.executable, __file__, *argv(i)], env=env_of(i), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(PROCESSES)]
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=TIMEOUT_S))
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        errors = [err for _, err in outputs] + [p.communicate()[1] for p in procs[len(outputs):]]
+        tails = "\n".join(f"process {i} stderr:\n{(err or '')[-4000:]}" for i, err in enumerate(errors))
+        pytest.fail(f"the {PROCESSES} processes did not finish within {TIMEOUT_S} s\n{tails}")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for i, (p, (out, err)) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, f"process {i} failed (rc {p.returncode}):\n{err[-6000:]}"
+    return outputs
+
+
+def _cpu_env() -> dict:
+    """os.environ without JAX_* plus LOCAL_DEVICES fake CPU devices with patient collectives."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    env.update(JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={LOCAL_DEVICES} {PATIENT_COLLECTIVES}")
+    return env
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -147,31 +255,11 @@ def test_two_processes_match_one_device(tmp_path):
     """2 processes x 4 CPU devices, mesh (data=2, expert=4) across both, each feeding its half of the global
     batch: the expert-parallel layer's output and gradients, the model's loss, logits and gradients equal one
     device's within 1e-5, in both processes."""
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
-    env.update(JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={LOCAL_DEVICES} {PATIENT_COLLECTIVES}")
-    procs = []
-    for i in range(PROCESSES):
-        penv = dict(env, **({} if i == 0 else {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
-                                               "JAX_NUM_PROCESSES": str(PROCESSES), "JAX_PROCESS_ID": str(i)}))
-        procs.append(subprocess.Popen([sys.executable, __file__, str(port), str(i), str(tmp_path / f"p{i}.npz")],
-                                      env=penv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=TIMEOUT_S))
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"the {PROCESSES} processes did not finish within {TIMEOUT_S} s")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for i, (p, (out, err)) in enumerate(zip(procs, outputs)):
-        assert p.returncode == 0, f"process {i} failed (rc {p.returncode}):\n{err[-6000:]}"
+    port, env = _free_port(), _cpu_env()
+    outputs = _run_processes(
+        lambda i: [str(port), str(i), str(tmp_path / f"p{i}.npz")],
+        lambda i: dict(env, **({} if i == 0 else {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+                                                  "JAX_NUM_PROCESSES": str(PROCESSES), "JAX_PROCESS_ID": str(i)})))
     ref = _reference()
     for i in range(PROCESSES):
         got = dict(np.load(tmp_path / f"p{i}.npz"))
@@ -180,6 +268,51 @@ def test_two_processes_match_one_device(tmp_path):
         print(f"process {i}: max diff {max(diffs.values()):.2e} over {len(diffs)} arrays;",
               json.loads(outputs[i][0].strip().splitlines()[-1]))
         assert max(diffs.values()) <= TOL, {k: v for k, v in diffs.items() if v > TOL}
+
+
+@pytest.mark.slow
+def test_two_processes_train_and_resume_like_one_device(tmp_path):
+    """`train_and_evaluate` in 2 processes x 4 CPU devices, mesh (2, 4), one shared workdir, each process
+    feeding its rows of the same global batches (a stateful iterator): 3 steps, then resumed to 5 (each
+    process's iterator continues at its saved position). Both processes see the
+    single-device run's losses (1e-5); the primary alone writes metrics.jsonl (one line per step) and the
+    TensorBoard events (one file per run); the checkpoints at steps 3 and 5 restore on one device with the
+    single-device run's params (1e-5)."""
+    from pregated_jax.loading import load_model
+    from pregated_jax.train import load_params
+    from pregated_jax.train.checkpoints import flat_leaves
+
+    port, env, workdir = _free_port(), _cpu_env(), tmp_path / "two"
+    _run_processes(lambda i: ["train", str(port), str(i), str(workdir), str(tmp_path / f"p{i}.json")],
+                   lambda i: env)
+    ref = _train(str(tmp_path / "one"), None)
+    assert [s for s, _ in ref] == [1, 2, 3, 4, 5], ref
+    for i in range(PROCESSES):
+        got = json.loads((tmp_path / f"p{i}.json").read_text())["losses"]
+        assert [s for s, _ in got] == [s for s, _ in ref], (i, got)
+        diff = max(abs(a - b) for (_, a), (_, b) in zip(got, ref))
+        print(f"process {i}: losses {[round(l, 6) for _, l in got]}, max diff {diff:.2e} from one device")
+        assert diff <= TOL, (i, got, ref)
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3, 4, 5], lines  # the primary's lines only, none twice
+    assert max(abs(m["train/loss"] - l) for m, (_, l) in zip(lines, ref)) <= TOL, (lines, ref)
+    assert len(list((workdir / "tensorboard").glob("events.out.tfevents.*"))) == len(TRAIN_STEPS)
+    assert json.loads((workdir / "config.json").read_text())["train_config"]["training"]["num_steps"] == 5
+    for step in (3, 5):  # the iterator's position, one file per process
+        files = sorted((workdir / "checkpoints" / str(step) / "data").glob("process_*.json"))
+        assert [p.name for p in files] == [f"process_{i}-of-{PROCESSES}.json" for i in range(PROCESSES)], files
+        assert all(json.loads(p.read_text()) == {"next": step} for p in files)
+
+    def flat(params) -> dict:
+        return {k: np.asarray(v) for k, v in flat_leaves(params)}
+    for step in (3, 5):
+        want = flat(load_params(tmp_path / "one" / "checkpoints" / str(step)))
+        model = load_model(workdir / "checkpoints" / str(step))  # one device, from the 8-device checkpoint
+        got = flat(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+        assert sorted(got) == sorted(want), sorted(set(got) ^ set(want))
+        diff = max(float(np.max(np.abs(got[k] - want[k]))) for k in want)
+        print(f"step {step}: params max diff {diff:.2e} from one device over {len(want)} arrays")
+        assert diff <= TOL
 
 
 def test_initialize_resolves_flags_then_environment():
@@ -210,6 +343,11 @@ def test_train_script_refuses_a_partial_specification(tmp_path, monkeypatch):
         main(["--config", tiny, "--workdir", str(tmp_path), "--coordinator_address", "127.0.0.1:1234"])
 
 
-if __name__ == "__main__":  # one process of the 2-process run: python tests/test_distributed.py PORT ID OUT.npz
+if __name__ == "__main__":  # one process of a 2-process run: python tests/test_distributed.py [train] PORT ID ...
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    _worker(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+    import faulthandler
+    faulthandler.dump_traceback_later(TIMEOUT_S - 30, exit=True)  # a hang shows where, in the test's failure
+    if sys.argv[1] == "train":  # train PORT ID WORKDIR OUT.json
+        _train_worker(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5])
+    else:  # PORT ID OUT.npz
+        _worker(sys.argv[1], int(sys.argv[2]), sys.argv[3])

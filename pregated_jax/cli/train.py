@@ -99,7 +99,9 @@ def main(argv: list[str] | None = None) -> dict:
     except (ValueError, TypeError, FileNotFoundError) as e:  # a bad config value or field, a missing file
         raise SystemExit(f"error: {e}") from None
     workdir.mkdir(parents=True, exist_ok=True)
-    if operative_gin is not None:
+    import jax
+
+    if operative_gin is not None and jax.process_index() == 0:  # one writer of the run's files (as the loop)
         (workdir / "operative_config.gin").write_text(operative_gin)
     from pregated_jax.train.loop import train_and_evaluate  # heavy imports after argument errors
 

@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from pregated_jax.config import SwitchConfig
 from pregated_jax.model import SwitchTransformer, abstract_model, expert_memory_kind, materialize, require_finite
@@ -62,6 +64,9 @@ class CheckpointStore:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
             async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
+        # Several processes: the manager creates `directory` on the primary and waits for all of them, and
+        # `save` creates each step's folder on the primary behind a barrier. Every process writes its own
+        # array shards there, so each probes it, in a folder of a unique name (no race between processes).
         try:
             self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers())
             os.rmdir(tempfile.mkdtemp(prefix=".write-probe-", dir=self.directory))
@@ -97,8 +102,8 @@ class CheckpointStore:
         check_params_fit(getattr(saved, "tree", saved), target["params"], f"{self.directory / str(step)}")
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         state = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
-        require_finite(flat_leaves({"params": state["params"], "opt_state": state["opt_state"]}),
-                       f"checkpoint {self.directory / str(step)}")
+        _require_finite_state(flat_leaves({"params": state["params"], "opt_state": state["opt_state"]}),
+                              f"checkpoint {self.directory / str(step)}")
         return state
 
     def has_data_state(self, step: int) -> bool:
@@ -124,6 +129,31 @@ class CheckpointStore:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _finite_flags(arrays: list) -> jax.Array:
+    """[n] bool: whether each array holds only finite values."""
+    return jnp.stack([jnp.isfinite(x).all() for x in arrays])
+
+
+def _require_finite_state(leaves: list[tuple[str, Any]], where: str) -> None:
+    """`require_finite` of restored (name, array) pairs, checked in one jitted program: an eager reduction per
+    sharded array dispatches hundreds of small collective programs back to back, and with several processes
+    on the CPU (gloo) those can hang one process while the others go on to the train step. The first
+    non-finite array is then named by `require_finite` (gathered to the host first where other processes hold
+    parts of it)."""
+    floats = [(n, x) for n, x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
+    if not floats:
+        return
+    sharding = getattr(floats[0][1], "sharding", None)  # on a mesh: the flags replicated, readable everywhere
+    out = NamedSharding(sharding.mesh, PartitionSpec()) if isinstance(sharding, NamedSharding) else None
+    flags = jax.device_get(jax.jit(_finite_flags, out_shardings=out)([x for _, x in floats]))
+    for (name, x), ok in zip(floats, flags):
+        if not ok:
+            if isinstance(x, jax.Array) and not x.is_fully_addressable:
+                from jax.experimental import multihost_utils
+                x = multihost_utils.process_allgather(x, tiled=True)
+            require_finite([(name, x)], where)
 
 
 def flat_shapes(tree: Any, prefix: tuple = ()) -> dict[str, tuple]:

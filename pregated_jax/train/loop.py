@@ -35,6 +35,7 @@ from flax import nnx, struct
 from tqdm import tqdm
 
 from pregated_jax.config import SwitchConfig
+from pregated_jax.distributed import put_global
 from pregated_jax.expert_parallel import batch_sharding, expert_state_shardings, replicated, shard_model
 from pregated_jax.mesh import MeshConfig
 from pregated_jax.model import SwitchTransformer, router_loss
@@ -233,6 +234,16 @@ class MetricsWriter:
             self.tb.close()
 
 
+class _NoMetrics:
+    """The metrics writer of a process other than the primary: the run's files are the primary's alone."""
+
+    def write(self, step: int, metrics: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _keep_lines_up_to(path: Path, step: int) -> None:
     """Rewrites metrics.jsonl (atomically) without the lines whose step is after `step` or that do not parse."""
     kept = []
@@ -377,6 +388,19 @@ def _with_batch_sharding(train_step, eval_step, sharding, local_train_rows: bool
             lambda params, rngs, batch: eval_step(params, rngs, global_batch(batch, False)))
 
 
+def _check_mesh_spans_processes(mesh, spec: MeshConfig) -> None:
+    """Raises ValueError unless `mesh` holds devices of every process (several processes train one model:
+    each feeds its rows of the batch to its own devices of the mesh)."""
+    n = jax.process_count()
+    if mesh is None:
+        raise ValueError(f"{n} processes need a mesh over their {jax.device_count()} devices; the config's mesh "
+                         f"is one device (set --mesh, e.g. data={n},expert=-1, or the config's mesh section)")
+    missing = sorted(set(range(n)) - {d.process_index for d in mesh.devices.flat})
+    if missing:
+        raise ValueError(f"mesh data={spec.data} x expert={spec.expert} ({mesh.size} of {jax.device_count()} "
+                         f"devices) holds no device of process(es) {missing}: a mesh must span every process")
+
+
 def train_and_evaluate(config: TrainConfig, workdir: str | Path, train_batches=None, eval_batches=None, *,
                        eval_fn: Callable[[SwitchTransformer, int], dict] | None = None,
                        step_callback: Callable[[int, dict], None] | None = None) -> dict:
@@ -395,15 +419,24 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path, train_batches=N
     `config.mesh` other than one device: the model is placed with `pregated_jax.expert_parallel.shard_model`
     (expert stacks and their optimizer moments split on E over `expert`, the rest replicated) and each batch's
     rows are split over `data` x `expert`; the losses are those of the single-device step on the same batch.
+    Several processes (`pregated_jax.distributed.initialize`): every process calls this with the same
+    arguments and a mesh over every process's devices, and feeds its own rows of each batch (train_batches
+    and eval_batches are global batches, except the default grain pipeline's, which reads this process's
+    shard). Every process saves and restores the checkpoints (Orbax coordinates them; the train iterator's
+    state is one file per process); only the primary (`jax.process_index() == 0`) writes config.json,
+    metrics.jsonl and the TensorBoard events.
     Returns the final metrics: {"step", "train/...", "eval/..."}.
     """
     workdir, t = Path(workdir), config.training
+    primary = jax.process_index() == 0  # writes the run's files that are not per process
     workdir.mkdir(parents=True, exist_ok=True)
     store = CheckpointStore(workdir / CHECKPOINT_SUBDIR, t.keep_checkpoints, async_save=t.async_checkpointing)
     latest = store.latest_step()
     model = build_model(config, None if latest is None else step_dir(workdir / CHECKPOINT_SUBDIR / str(latest)))
     cfg = model.config
     mesh = None if config.mesh == MeshConfig() else config.mesh.make()
+    if jax.process_count() > 1:
+        _check_mesh_spans_processes(mesh, config.mesh)
     if mesh is not None:  # data + expert parallel: experts split over `expert`, batches over both axes
         if t.batch_size % mesh.size:
             raise ValueError(f"TrainingConfig.batch_size {t.batch_size} must divide by the mesh's "
@@ -421,7 +454,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path, train_batches=N
     tx, train_step, eval_step = _steps(train_def, eval_def, cfg, config.optimizer, t.num_steps, codec)
     step = jnp.zeros((), jnp.int32)
     if mesh is not None:  # on the mesh like the rest of the state (a restore puts it where the target is)
-        step = jax.device_put(step, replicated(mesh))
+        step = put_global(step, replicated(mesh))
     state = TrainState(step, params, init_opt_state(tx, params, mesh), codec.encode(rngs))
     if mesh is not None:
         train_step, eval_step = _with_batch_sharding(train_step, eval_step, batch_sharding(mesh),
@@ -430,7 +463,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path, train_batches=N
         state = TrainState(**store.restore(latest, state.to_dict()))
     start = int(state.step)
     run_config = {"model_config": dataclasses.asdict(cfg), "train_config": config.to_dict()}
-    (workdir / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
+    if primary:
+        (workdir / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
     _log.info("workdir %s, resolved config: %s", workdir, json.dumps(run_config, sort_keys=True))
 
     if train_batches is None:
@@ -447,7 +481,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path, train_batches=N
     else:  # a step -> batch callable, or an iterable whose first `start` batches are skipped
         batches = batches_from(train_batches, start)
     eval_source = eval_batches_view(eval_batches, t.eval_steps)
-    writer = MetricsWriter(workdir, t.tensorboard, start_step=start)
+    writer = MetricsWriter(workdir, t.tensorboard, start_step=start) if primary else _NoMetrics()
     bar = tqdm(total=t.num_steps, initial=start, desc="train", disable=None, dynamic_ncols=True)
     # Without a terminal there is no progress bar: every logged step's metrics go to `logging` instead.
     log_metrics = not sys.stdout.isatty()
