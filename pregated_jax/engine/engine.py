@@ -445,25 +445,32 @@ class InferenceEngine:
         return GenerationResult(tokens, stats)
 
     def _prefill(self, ids, mask, num_beams, max_new_tokens, stats, track_memory, profile_blocks):
-        """The encoder over the whole input, block by block, then cross-attention keys/values and the decoder's
-        empty caches. ids, mask [B, S] on the device -> (hidden, cross, cross_bias, kv, key_positions, search)."""
-        cfg, program, batch = self.model_config, self.program, ids.shape[0]
+        """The prefill on one device, block by block (`encode_for_decoding`). ids, mask [B, S] on the device."""
         ctx = RunContext(self.caches, self.mem.on_device, stats, track_memory=track_memory,
                          profile_blocks=profile_blocks)
-        enc = program.encoder
-        positions = jax.device_put(np.arange(ids.shape[1], dtype=np.int32), self.mem.on_device)
-        x = program.embed(ids)
-        hidden, _ = StackPass(self, ctx, enc, x)(x, enc.self_bias(positions, positions, mask))
-        if num_beams > 1:
-            rows = jax.device_put(np.repeat(np.arange(batch, dtype=np.int32), num_beams), self.mem.on_device)
-            hidden, mask = reorder((hidden, mask), rows)
-        dec = program.decoder
-        cross = [cross_kv(b.graphdef, b.state, b.placeholder, hidden) for b in dec.blocks]
-        cross_bias = _padding_bias(mask)
-        kv = _init_caches(batch * num_beams, cfg, max_new_tokens, self.mem.on_device)
-        key_positions = jax.device_put(np.arange(max_new_tokens, dtype=np.int32), self.mem.on_device)
-        search = init_search(batch, num_beams, max_new_tokens, cfg.decoder_start_token_id)
+        out = self.encode_for_decoding(self.program, ctx, ids, mask, num_beams, max_new_tokens,
+                                       lambda a: jax.device_put(a, self.mem.on_device))
         self.caches = ctx.flush_into(stats)
+        return out
+
+    def encode_for_decoding(self, program, ctx, ids, mask, num_beams, max_new_tokens, put):
+        """The encoder over ids, mask [B, S], then what decoding starts from: cross-attention keys/values, the
+        decoder's empty caches and the search state. `put` places host arrays where the pass runs (the engine's
+        device; inside a mesh's per-device body, nothing to do). -> (hidden, cross, cross_bias, kv,
+        key_positions, search)."""
+        cfg, batch, enc = self.model_config, ids.shape[0], program.encoder
+        positions = put(np.arange(ids.shape[1], dtype=np.int32))  # [S]
+        x = program.embed(ids)  # [B, S, d]
+        hidden, _ = StackPass(self, ctx, enc, x)(x, enc.self_bias(positions, positions, mask))
+        if num_beams > 1:  # [B * K] rows, each input's beams together
+            hidden, mask = reorder((hidden, mask), put(np.repeat(np.arange(batch, dtype=np.int32), num_beams)))
+        cross = [cross_kv(b.graphdef, b.state, b.placeholder, hidden) for b in program.decoder.blocks]
+        cross_bias = _padding_bias(mask)
+        # zeroed self-attention caches, one distinct buffer per layer (the decode step donates them)
+        kv = put(_zero_caches(batch * num_beams, cfg.num_heads, max_new_tokens, cfg.d_kv, cfg.dtype,
+                              cfg.num_decoder_layers))
+        key_positions = put(np.arange(max_new_tokens, dtype=np.int32))  # [T]
+        search = init_search(batch, num_beams, max_new_tokens, cfg.decoder_start_token_id)
         return hidden, cross, cross_bias, kv, key_positions, search
 
     def _first_guess(self, rows: int) -> F.PendingSlots | None:
@@ -499,12 +506,6 @@ def _warn_if_modules_load_lazily():
 @jax.jit
 def _padding_bias(mask):
     return visibility_bias(key_padding(mask))
-
-
-def _init_caches(rows, cfg, max_len, device):
-    """Zeroed self-attention caches, one distinct buffer per layer (the decode step donates them)."""
-    kv = _zero_caches(rows, cfg.num_heads, max_len, cfg.d_kv, cfg.dtype, cfg.num_decoder_layers)
-    return jax.device_put(kv, device)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))

@@ -11,18 +11,13 @@ outputs' sum, the counters' sums, the decode loop's exit).
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from pregated_jax.engine import cache as C
 from pregated_jax.engine.context import RunContext
 from pregated_jax.engine.mesh_layout import DATA, DEVICES, per_device, spec_of, this_device
-from pregated_jax.engine.placement import cross_kv
-from pregated_jax.engine.search import SearchState, init_search, reorder
-from pregated_jax.engine.stack_pass import StackPass
-from pregated_jax.layers import key_padding, visibility_bias
-from pregated_jax.model import KVCache
+from pregated_jax.engine.search import SearchState
 
 ROWS = P(DATA)  # a request's rows split over `data`, replicated over `expert`
 SEARCH = SearchState(ROWS, ROWS, ROWS, ROWS, P(), ROWS)  # the step counter is the same on every device
@@ -96,14 +91,12 @@ class Prefill:
         engine = self.engine
         rows = NamedSharding(engine.layout.mesh, ROWS)
         ids, mask = jax.device_put(input_ids, rows), jax.device_put(mask, rows)
-        hidden, cross, cross_bias, kv, search, engine.caches, copied, speculation, routing = self._run(
+        *out, engine.caches, copied, speculation, routing = self._run(
             self.leaves, ids, mask, engine.caches, num_beams, max_new_tokens)
         stats.add_copied(copied)
         stats.add_speculation(speculation)
         stats.add_routing(routing)
-        key_positions = jax.device_put(np.arange(max_new_tokens, dtype=np.int32),
-                                       NamedSharding(engine.layout.mesh, P()))
-        return hidden, cross, cross_bias, kv, key_positions, search
+        return tuple(out)
 
     def _dispatch(self, leaves, ids, mask, caches, num_beams, max_new_tokens):
         engine = self.engine
@@ -112,27 +105,15 @@ class Prefill:
         def body(leaves, ids, mask, caches):
             program = jax.tree.unflatten(self.treedef, leaves)
             ctx = RunContext(this_device(caches), engine.mem.on_device)
-            enc, batch = program.encoder, ids.shape[0]  # this data group's rows
-            positions = jnp.arange(ids.shape[1], dtype=jnp.int32)
-            x = program.embed(ids)  # [rows, S, d]
-            hidden, _ = StackPass(engine, ctx, enc, x)(x, enc.self_bias(positions, positions, mask))
-            if num_beams > 1:
-                hidden, mask = reorder((hidden, mask), jnp.repeat(jnp.arange(batch, dtype=jnp.int32), num_beams))
-            cross = [cross_kv(b.graphdef, b.state, b.placeholder, hidden) for b in program.decoder.blocks]
-            cross_bias = visibility_bias(key_padding(mask))
-            kv = _zero_kv(batch * num_beams, cfg, max_new_tokens)
-            search = init_search(batch, num_beams, max_new_tokens, cfg.decoder_start_token_id)
+            # ids, mask: this data group's rows
+            out = engine.encode_for_decoding(program, ctx, ids, mask, num_beams, max_new_tokens, lambda a: a)
             copied, speculation = ctx.totals()
             routing = ctx.routing(engine.num_moe_blocks, cfg.num_experts)
-            return (hidden, cross, cross_bias, kv, search, per_device(ctx.caches), layout.all_devices(copied),
-                    layout.all_devices(speculation), layout.over_data(routing))
+            return (*out, per_device(ctx.caches), layout.all_devices(copied), layout.all_devices(speculation),
+                    layout.over_data(routing))
 
+        # hidden, cross, cross_bias, kv, key_positions, search, then the caches and the counters
         run = _shard_map(engine, body, (self.leaf_specs, ROWS, ROWS, P(DEVICES)),
-                         (ROWS, ROWS, ROWS, ROWS, SEARCH, P(DEVICES), P(), P(), P()))
+                         (ROWS, ROWS, ROWS, ROWS, P(), SEARCH, P(DEVICES), P(), P(), P()))
         return run(leaves, ids, mask, caches)
 
-
-def _zero_kv(rows, cfg, max_len):
-    """Zeroed self-attention caches [rows, heads, max_len, d_kv], one per decoder layer."""
-    shape = (rows, cfg.num_heads, max_len, cfg.d_kv)
-    return [KVCache(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype)) for _ in range(cfg.num_decoder_layers)]
