@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU tests: the native copy-engine copies (CUDA handlers), every engine mode and the device expert cache, on
-# a CUDA GPU. Runs tests/test_gpu.py, tests/test_native.py and tests/test_engine.py in full, and every test
+# a CUDA GPU. Runs tests/test_gpu.py, tests/test_native.py, tests/test_engine.py and tests/test_engine_quant.py
+# (quantized experts through every mode and copy path) in full, and every test
 # marked `gpu` in the other modules under tests/ (on a CPU those are skipped; see tests/conftest.py).
 #
 #   bash scripts/test_gpu.sh [pytest args...]      # on the GPU machine; e.g. -x, or -k "dma and not beam"
@@ -26,7 +27,7 @@ export CUDA_MODULE_LOADING=EAGER            # lazy loading can stall a kernel be
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # several pytest processes share the GPU
 jobs="${GPU_TEST_JOBS:-6}"
 timeout_s="${GPU_TEST_TIMEOUT_S:-540}"
-core=(tests/test_gpu.py tests/test_native.py tests/test_engine.py)
+core=(tests/test_gpu.py tests/test_native.py tests/test_engine.py tests/test_engine_quant.py)
 
 fail() { echo "[test_gpu] FAILED: $*"; exit 2; }
 
