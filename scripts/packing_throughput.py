@@ -39,12 +39,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_input_len", type=int, default=256)
     p.add_argument("--max_target_len", type=int, default=32)
     p.add_argument("--packing_bins", type=int, default=None, help="DataConfig.packing_bins (default: batch_size)")
+    p.add_argument("--worker_count", type=int, default=0,
+                   help="DataConfig.worker_count: processes making batches ahead (0: in the training process)")
     p.add_argument("--modes", default="unpacked,packed", help="comma-separated: unpacked, packed")
     p.add_argument("--out", default=None, help="folder for results.json (default: print only)")
     args = p.parse_args(argv)
     for name in ("steps", "warmup", "batch_size", "max_input_len", "max_target_len"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.worker_count < 0:
+        p.error(f"--worker_count must be >= 0, got {args.worker_count}")
     bad = set(args.modes.split(",")) - {"unpacked", "packed"}
     if bad:
         p.error(f"--modes: unknown {sorted(bad)}; use unpacked, packed")
@@ -107,7 +111,8 @@ def main(argv=None) -> dict:
     bindings = [f"TrainingConfig.batch_size = {args.batch_size}",
                 f"TrainingConfig.max_input_len = {args.max_input_len}",
                 f"TrainingConfig.max_target_len = {args.max_target_len}",
-                f"DataConfig.packing_bins = {args.packing_bins}", *args.gin]
+                f"DataConfig.packing_bins = {args.packing_bins}", f"DataConfig.worker_count = {args.worker_count}",
+                *args.gin]
     config, _ = config_from_gin([args.gin_file], bindings)
     results = {mode: measure(config, mode == "packed", args.steps, args.warmup) for mode in args.modes.split(",")}
     if {"packed", "unpacked"} <= set(results):
@@ -115,12 +120,14 @@ def main(argv=None) -> dict:
                                                                / results["unpacked"]["useful_tokens_per_s"])
     report = {
         "command": "python scripts/packing_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "device": str(jax.devices()[0]), "backend": jax.default_backend(),
+        "device": str(jax.devices()[0]), "device_kind": jax.devices()[0].device_kind,
+        "backend": jax.default_backend(), "jax": jax.__version__,
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "cpu_count": os.cpu_count()},
         "task": config.data.task, "model": dataclasses.asdict(config.model_config()),
         "batch_size": args.batch_size, "max_input_len": args.max_input_len, "max_target_len": args.max_target_len,
-        "packing_bins": args.packing_bins or args.batch_size, "warmup_steps": args.warmup,
+        "packing_bins": args.packing_bins or args.batch_size, "worker_count": config.data.worker_count,
+        "warmup_steps": args.warmup,
         "results": results,
     }
     print(json.dumps(report["results"], indent=1))

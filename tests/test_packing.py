@@ -247,3 +247,36 @@ def test_host_batch_keeps_all_packing_keys_or_refuses_a_partial_set():
     assert not set(host_batch(unpacked, 0)) & set(PACKING_KEYS)
     with pytest.raises(KeyError, match="decoder_positions"):
         host_batch({k: v for k, v in packed.items() if k != "decoder_positions"}, 5)
+
+
+@pytest.mark.slow  # starts worker processes (~20 s)
+def test_worker_processes_give_every_example_once_per_epoch_and_resume(tok):
+    """worker_count > 0 (grain's mp_prefetch): one epoch over two workers yields every example exactly once,
+    and a saved state (through JSON, as the checkpoint stores it) resumes at the next batch, packed and
+    unpacked."""
+    import json
+
+    examples = id_examples(23)
+    for pack in (False, True):
+        epoch = list(train_dataset(examples, tok, 3, LI, LT, seed=1, pack=pack, num_epochs=1, worker_count=2))
+        got = [s for b in epoch for s in segments_of(b)] if pack else \
+            [(b["input_ids"][r][b["attention_mask"][r] > 0].tolist(),
+              b["labels"][r][b["decoder_attention_mask"][r] > 0].tolist())
+             for b in epoch for r in range(len(b["input_ids"]))]
+        assert sorted(got) == sorted((e["inputs"], e["targets"]) for e in examples), f"pack={pack}"
+
+        ds = train_dataset(examples, tok, 3, LI, LT, seed=1, pack=pack, worker_count=2)
+        it = iter(ds)
+        full = [next(it) for _ in range(8)]
+        it = iter(ds)
+        for _ in range(3):
+            next(it)
+        state = json.loads(json.dumps(it.get_state()))  # the checkpoint stores it as JSON
+        resumed = iter(ds)
+        resumed.set_state(state)
+        for want in full[3:]:
+            got_batch = next(resumed)
+            for k in want:
+                np.testing.assert_array_equal(got_batch[k], want[k], err_msg=f"pack={pack} {k}")
+    with pytest.raises(ValueError, match="worker_count must be >= 0"):
+        train_dataset(examples, tok, 3, LI, LT, worker_count=-1)

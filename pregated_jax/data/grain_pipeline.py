@@ -16,6 +16,9 @@ Order: the source is split into `shard_count` strided shards (`source[shard_inde
 process), each shard is shuffled with `seed` and reshuffled every epoch (grain's index shuffle seeded with
 seed + epoch), encoded (tokenized, truncated keeping EOS last), packed if asked, and batched. The iterator's
 state is a small JSON dict (source position, packer buffer), so a resume continues at the next example.
+With `worker_count` > 0, that many processes make batches ahead (grain's `mp_prefetch`), each from its own
+slice of the shard, interleaved in a fixed order; the state then holds each worker's position, so a resume
+needs the same worker_count.
 """
 
 from __future__ import annotations
@@ -88,13 +91,14 @@ def collate_packed(rows: Sequence[dict]) -> dict:
 def train_dataset(source, tokenizer: Tokenizer, batch_size: int, max_input_len: int, max_target_len: int, *,
                   seed: int | None = 0, pack: bool = False, num_epochs: int | None = None,
                   shard_index: int = 0, shard_count: int = 1, num_packing_bins: int | None = None,
-                  read_threads: int = 2) -> grain.IterDataset:
+                  read_threads: int = 2, worker_count: int = 0) -> grain.IterDataset:
     """A grain IterDataset of batch dicts (see the module docstring) over `source`'s examples.
 
     source: a grain MapDataset, a random-access source, or an iterable of {"inputs", "targets"} examples.
     seed: shuffle seed (None: source order); num_epochs None: repeat forever; batch_size: rows per batch of
         this shard (the process-local batch); num_packing_bins: rows grain packs at once (default batch_size;
-        more bins pack tighter); read_threads: threads that read and tokenize ahead.
+        more bins pack tighter); read_threads: threads that read and tokenize ahead; worker_count: processes
+        that make whole batches ahead (grain's mp_prefetch; 0: none), each over its slice of the examples.
     """
     if batch_size <= 0 or max_input_len <= 0 or max_target_len <= 0:
         raise ValueError("batch_size, max_input_len and max_target_len must be positive, got "
@@ -106,12 +110,27 @@ def train_dataset(source, tokenizer: Tokenizer, batch_size: int, max_input_len: 
     ds = encoded_examples(ds, tokenizer, max_input_len, max_target_len)
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4 * batch_size))
     if not pack:
-        return ds.batch(batch_size, drop_remainder=False,
-                        batch_fn=collate_unpacked(max_input_len, max_target_len))
-    ds = grain.experimental.FirstFitPackIterDataset(
-        ds, length_struct={"inputs": max_input_len, "targets": max_target_len},
-        num_packing_bins=num_packing_bins or batch_size, shuffle_bins=False)
-    return ds.batch(batch_size, drop_remainder=False, batch_fn=collate_packed)
+        ds = ds.batch(batch_size, drop_remainder=False, batch_fn=collate_unpacked(max_input_len, max_target_len))
+    else:
+        ds = grain.experimental.FirstFitPackIterDataset(
+            ds, length_struct={"inputs": max_input_len, "targets": max_target_len},
+            num_packing_bins=num_packing_bins or batch_size, shuffle_bins=False)
+        ds = ds.batch(batch_size, drop_remainder=False, batch_fn=collate_packed)
+    if worker_count < 0:
+        raise ValueError(f"worker_count must be >= 0, got {worker_count}")
+    if worker_count:
+        _absl_flags_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return ds
+
+
+def _absl_flags_parsed() -> None:
+    """grain's worker processes read absl flags; a program that is not an absl app never parses them, so mark
+    them parsed (their defaults) instead of letting the workers fail on the first flag they read."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
 def non_pad_tokens(batch: dict) -> int:

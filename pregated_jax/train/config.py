@@ -114,11 +114,17 @@ class DataConfig:
     # batches stay one example per row.
     pack: bool = False
     packing_bins: int | None = None  # rows grain packs at once; None: the batch's rows (more: tighter, more memory)
+    # Processes that read, tokenize, pack and collate train batches ahead of the training loop (grain's
+    # mp_prefetch); 0: threads of the training process. A small model's step on a GPU is shorter than one
+    # process takes to make its batch; a resume needs the same worker_count as the run it resumes.
+    worker_count: int = 0
 
     def __post_init__(self):
         check_field_types(self)
         if self.packing_bins is not None and self.packing_bins <= 0:
             raise ValueError(f"DataConfig.packing_bins must be positive or None, got {self.packing_bins}")
+        if self.worker_count < 0:
+            raise ValueError(f"DataConfig.worker_count must be >= 0, got {self.worker_count}")
         from pregated_jax.data.sources import TASKS  # the registry; imports no dataset library
 
         _check_choice("DataConfig", "task", self.task, [*TASKS, "local"])

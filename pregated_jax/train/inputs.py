@@ -56,7 +56,7 @@ def default_batches(config: TrainConfig, shard_index: int | None = None, shard_c
     shape = (t.batch_size, t.max_input_len, t.max_target_len)
     train = iter(train_dataset(train_src, tok, t.batch_size // shard_count, t.max_input_len, t.max_target_len,
                                seed=t.seed, pack=d.pack, num_packing_bins=d.packing_bins,
-                               shard_index=shard_index, shard_count=shard_count))
+                               shard_index=shard_index, shard_count=shard_count, worker_count=d.worker_count))
     return train, ((lambda: batches(eval_src(), tok, *shape)) if eval_src else None)
 
 
