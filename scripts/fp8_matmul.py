@@ -40,7 +40,6 @@ def main(argv=None) -> dict:
 
     from pregated_jax.bench import fp8_matmul
 
-    rows = fp8_matmul.run_cases(fp8_matmul.default_cases(tiny=args.tiny), args.repeats, args.warmup)
     device = jax.devices()[0]
     report = {
         "command": "python scripts/fp8_matmul.py " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -48,17 +47,24 @@ def main(argv=None) -> dict:
         "platform": device.platform, "backend": jax.default_backend(),
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "cpu_count": os.cpu_count()},
-        "repeats": args.repeats, "warmup": args.warmup, "cases": rows,
+        "repeats": args.repeats, "warmup": args.warmup, "cases": [],
     }
-    print(f"{device.device_kind} ({device.platform}), jax {jax.__version__}, median of {args.repeats} calls\n")
+    cases = fp8_matmul.default_cases(tiny=args.tiny)
+
+    def progress(rows):  # one line per finished case; results.json holds the cases so far
+        print(f"[{len(rows)}/{len(cases)}] " + fp8_matmul.markdown_table(rows[-1:]).splitlines()[-1], flush=True)
+        report["cases"] = rows
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "results.json").write_text(json.dumps(report, indent=1) + "\n")
+
+    rows = fp8_matmul.run_cases(cases, args.repeats, args.warmup, on_case=progress)
+    print(f"\n{device.device_kind} ({device.platform}), jax {jax.__version__}, median of {args.repeats} calls\n")
     print(fp8_matmul.markdown_table(rows))
     errors = {(r.get("model"), r.get("matmul"), r.get("regime"), r["tokens"], name): v["error"]
               for r in rows for name, v in r["variants"].items() if "error" in v}
     for key, message in errors.items():
         print(f"error {key}: {message}")
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "results.json").write_text(json.dumps(report, indent=1) + "\n")
     return report
 
 

@@ -10,7 +10,7 @@ from flax import nnx
 
 from pregated_jax.config import get_preset
 from pregated_jax.data import default_tokenizer
-from pregated_jax.data.grain_pipeline import PACKING_KEYS, shard, train_dataset
+from pregated_jax.data.grain_pipeline import PACKING_KEYS, shard, state_worker_count, train_dataset
 from pregated_jax.model import SwitchTransformer
 from pregated_jax.train.loop import loss_and_metrics
 
@@ -272,6 +272,7 @@ def test_worker_processes_give_every_example_once_per_epoch_and_resume(tok):
         for _ in range(3):
             next(it)
         state = json.loads(json.dumps(it.get_state()))  # the checkpoint stores it as JSON
+        assert state_worker_count(state) == 2
         resumed = iter(ds)
         resumed.set_state(state)
         for want in full[3:]:
@@ -280,3 +281,32 @@ def test_worker_processes_give_every_example_once_per_epoch_and_resume(tok):
                 np.testing.assert_array_equal(got_batch[k], want[k], err_msg=f"pack={pack} {k}")
     with pytest.raises(ValueError, match="worker_count must be >= 0"):
         train_dataset(examples, tok, 3, LI, LT, worker_count=-1)
+
+
+def test_a_resume_with_another_worker_count_is_refused(tmp_path, tok):
+    """The checkpoint's iterator state records its worker layout: restoring it into a run with another
+    DataConfig.worker_count raises an error naming both counts (grain would fail deep inside, or silently
+    resume at other examples), and the matching count restores."""
+    import json
+
+    import jax
+
+    from pregated_jax.train.checkpoints import CheckpointStore
+
+    it = iter(train_dataset(id_examples(9), tok, 3, LI, LT, seed=1))
+    next(it)
+    state = it.get_state()
+    assert state_worker_count(state) == 0
+    folder = tmp_path / "ckpt" / "7" / "data"
+    folder.mkdir(parents=True)
+    (folder / f"process_{jax.process_index()}-of-{jax.process_count()}.json").write_text(json.dumps(state))
+    store = CheckpointStore(tmp_path / "ckpt", keep=1, async_save=False)
+    try:
+        with pytest.raises(ValueError, match=r"saved with DataConfig.worker_count=0, but this run has "
+                                             r"worker_count=4: resume with worker_count=0"):
+            store.restore_data_state(7, iter(train_dataset(id_examples(9), tok, 3, LI, LT, seed=1)), 4)
+        fresh = iter(train_dataset(id_examples(9), tok, 3, LI, LT, seed=1))
+        store.restore_data_state(7, fresh, 0)
+        assert fresh.get_state() == state
+    finally:
+        store.close()

@@ -327,3 +327,63 @@ def test_random_benchmark_model_experts_are_distinct_nonzero_and_scaled():
         flat = w.reshape(w.shape[0], -1)
         assert len({row.tobytes() for row in flat}) == w.shape[0], f"identical experts in {path}"
         np.testing.assert_allclose(w.std(), w.shape[-2] ** -0.5, rtol=0.1)
+
+
+def test_random_benchmark_model_quantizes_experts_before_they_reach_host_memory():
+    """random_model(expert_dtype=int8): every host stack is the engine's own int8 conversion of the bf16 draws
+    (so a benchmark row measures the same weights), host memory holds only the quantized bytes, and the
+    engine takes those stacks without converting them again: its tokens equal the engine's on the bf16 model
+    quantized at build."""
+    from pregated_jax import quant
+    from pregated_jax.bench.random_model import random_model
+    from pregated_jax.engine import InferenceEngine
+    from pregated_jax.model import param_shapes
+
+    cfg = get_preset("tiny", routing="pregated", dtype="float32")
+    plain = random_model(cfg, seed=0, experts_on_host=True)
+    stored = random_model(cfg, seed=0, experts_on_host=True, expert_dtype="int8")
+    plain_state = dict(nnx.to_flat_state(nnx.state(plain, nnx.Param)))
+    stored_state = dict(nnx.to_flat_state(nnx.state(stored, nnx.Param)))
+    experts = [p for p in param_shapes(cfg) if len(p) >= 2 and p[-2] == "experts"]
+    for path in experts:
+        q = stored_state[path][...]
+        assert isinstance(q, quant.QuantizedExperts) and q.format == "int8", path
+        want = quant.quantize(np.asarray(plain_state[path][...]), "int8")
+        np.testing.assert_array_equal(np.asarray(q.values), want.values, err_msg=str(path))
+        np.testing.assert_array_equal(np.asarray(q.scales), want.scales, err_msg=str(path))
+        assert q.nbytes < 0.3 * np.asarray(plain_state[path][...]).nbytes  # int8 + scales vs float32
+    ids = np.random.default_rng(0).integers(2, 100, (1, 12), dtype=np.int32)
+    got = InferenceEngine(stored, mode="pregated", expert_dtype="int8").generate(ids, max_new_tokens=4)
+    ref = InferenceEngine(plain, mode="pregated", expert_dtype="int8").generate(ids, max_new_tokens=4)
+    np.testing.assert_array_equal(got.tokens, ref.tokens)
+    with pytest.raises(ValueError, match="unknown expert dtype"):
+        random_model(cfg, expert_dtype="int3")
+
+
+def test_running_out_of_pinned_host_memory_names_the_stack_and_the_limit(monkeypatch):
+    """XLA's pinned host pool running out (its allocator error) becomes a MemoryError naming the stack, its
+    size and XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB; other runtime errors pass through unchanged."""
+    import jax
+
+    from pregated_jax.engine import placement
+
+    def exhausted(value, sharding):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of host memory while trying to allocate 512.00MiB "
+                                         "with allocator xla_gpu_host_bfc on device 0.")
+
+    monkeypatch.setattr(placement.jax, "device_put", exhausted)
+    monkeypatch.delenv(placement.HOST_LIMIT_VAR, raising=False)
+    w = np.zeros((4, 256, 512), np.float32)  # 2 MiB
+    with pytest.raises(MemoryError, match=r"decoder\.block\.1\.wi: 0\.00 GiB .*XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB "
+                                          r"unset: 64 GB"):
+        placement.put_on_host(w, None, "decoder.block.1.wi")
+    monkeypatch.setenv(placement.HOST_LIMIT_VAR, "100")
+    with pytest.raises(MemoryError, match="XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB=100"):
+        placement.put_on_host(w, None)
+
+    def other(value, sharding):
+        raise jax.errors.JaxRuntimeError("INTERNAL: something else")
+
+    monkeypatch.setattr(placement.jax, "device_put", other)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="something else"):
+        placement.put_on_host(w, None)

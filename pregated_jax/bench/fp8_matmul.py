@@ -97,12 +97,14 @@ def group_sizes_for(tokens: int, num_experts: int, routed_experts: int, rng: np.
 
 
 def reference(x: np.ndarray, w: np.ndarray, group_sizes: np.ndarray) -> np.ndarray:
-    """float64 y [T, d_out] = x [T, d_in] @ w[group(t)] ([G, d_in, d_out]), one token at a time."""
-    x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
-    group_of_row = np.repeat(np.arange(len(group_sizes)), group_sizes)  # [T]
+    """float64 y [T, d_out] = x [T, d_in] @ w[group(t)] ([G, d_in, d_out]), one group's rows at a time."""
+    x = np.asarray(x, np.float64)
     y = np.zeros((x.shape[0], w.shape[2]), np.float64)
-    for t, g in enumerate(group_of_row):
-        y[t] = x[t] @ w[g]
+    start = 0
+    for g, size in enumerate(np.asarray(group_sizes)):
+        if size:
+            y[start:start + size] = x[start:start + size] @ np.asarray(w[g], np.float64)
+            start += size
     return y
 
 
@@ -170,10 +172,17 @@ def default_cases(tiny: bool = False) -> list[dict]:
     return cases
 
 
-def run_cases(cases: list[dict], repeats: int, warmup: int) -> list[dict]:
-    """measure() every case; -> the cases with their results merged in."""
+def run_cases(cases: list[dict], repeats: int, warmup: int, on_case: Callable[[list[dict]], None] | None = None
+              ) -> list[dict]:
+    """measure() every case; -> the cases with their results merged in. `on_case(rows so far)` runs after each
+    case (progress, partial results)."""
     keys = ("d_in", "d_out", "num_experts", "tokens", "routed_experts")
-    return [{**case, **measure(**{k: case[k] for k in keys}, repeats=repeats, warmup=warmup)} for case in cases]
+    rows = []
+    for case in cases:
+        rows.append({**case, **measure(**{k: case[k] for k in keys}, repeats=repeats, warmup=warmup)})
+        if on_case:
+            on_case(rows)
+    return rows
 
 
 def markdown_table(rows: list[dict]) -> str:

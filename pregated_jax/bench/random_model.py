@@ -6,8 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pregated_jax import quant
 from pregated_jax.config import SwitchConfig
-from pregated_jax.engine.placement import Memories
+from pregated_jax.engine.placement import Memories, put_on_host
 from pregated_jax.model import SwitchTransformer, abstract_model, materialize, param_shapes
 
 
@@ -21,14 +22,19 @@ def _std(path: tuple, shape: tuple) -> float | None:
 
 
 def random_model(config: SwitchConfig, seed: int = 0, experts_on_host: bool = True,
-                 mem: Memories | None = None) -> SwitchTransformer:
+                 mem: Memories | None = None, expert_dtype: str = "bfloat16",
+                 group_size: int = quant.DEFAULT_GROUP_SIZE) -> SwitchTransformer:
     """A model with random weights in `config.dtype` (routers in float32).
 
     Non-expert leaves are drawn on the device. With `experts_on_host`, each expert stack is assembled in
     host memory from windows at random offsets into a pool of normal draws (one pool per scale) and
     moved to host memory, so the device never holds them: drawing tens of billions of independent values
     took minutes per model; windows keep every expert distinct and nonzero at memcpy speed.
+    With `experts_on_host` and a quantized `expert_dtype` (`quant.FORMATS`), each stack is quantized before it
+    goes to host memory (`quant.quantize`, the engine's own conversion of the same draws), so host memory holds
+    only the quantized stacks, as with a quantized store (`scripts/quantize.py`).
     """
+    quant.check_format(expert_dtype)
     mem = mem or Memories.for_device()
     dtype = jnp.dtype(config.dtype)
     key = jax.random.key(seed)
@@ -42,7 +48,8 @@ def random_model(config: SwitchConfig, seed: int = 0, experts_on_host: bool = Tr
         if std is None:
             value = jnp.ones(shape, leaf_dtype)
         elif experts_on_host and len(path) >= 2 and path[-2] == "experts":
-            value = jax.device_put(_host_stack(shape, std, leaf_dtype, rng, pools), mem.on_host)
+            stack = _host_stack(shape, std, leaf_dtype, rng, pools)  # numpy [E, d_in, d_out]
+            value = put_on_host(quant.quantize(stack, expert_dtype, group_size), mem.on_host, ".".join(map(str, path)))
         else:
             value = (jax.random.normal(jax.random.fold_in(key, n), shape, leaf_dtype) * std).astype(leaf_dtype)
         params[path] = value

@@ -125,7 +125,9 @@ def engine_worker(args):
     dtype = "float32" if args.tiny else "bfloat16"
     cfg = get_preset(args.preset, routing=routing, dtype=dtype)
     t0 = time.perf_counter()
-    model = random_model(cfg, seed=0, experts_on_host=config.mode != "gpu-only")
+    on_host = config.mode != "gpu-only"  # gpu-only: the engine quantizes the stacks on the device
+    model = random_model(cfg, seed=0, experts_on_host=on_host, group_size=config.expert_group_size,
+                         expert_dtype=config.expert_dtype if on_host else "bfloat16")
     mesh = mesh_from_args(args)
     engine = InferenceEngine(model, config, mesh=mesh)
     del model

@@ -133,10 +133,16 @@ def _absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+def state_worker_count(state: dict) -> int:
+    """The worker_count a `train_dataset` iterator's state was saved with: grain's mp_prefetch state holds one
+    iterator state per worker; an in-process iterator's state has none."""
+    return len(state["iterators_in_use_states"]) if "iterators_in_use_states" in state else 0
+
+
 def non_pad_tokens(batch: dict) -> int:
     """Real (non-padding) tokens of a batch, inputs plus targets."""
     return int(np.sum(batch["attention_mask"]) + np.sum(batch["decoder_attention_mask"]))
 
 
 __all__ = ["BATCH_KEYS", "PACKING_KEYS", "as_map_dataset", "collate_packed", "collate_unpacked",
-           "encoded_examples", "non_pad_tokens", "shard", "train_dataset"]
+           "encoded_examples", "non_pad_tokens", "shard", "state_worker_count", "train_dataset"]

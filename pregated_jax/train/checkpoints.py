@@ -110,15 +110,26 @@ class CheckpointStore:
         """Whether step `step` saved a train iterator state (runs on user batches, or older ones, did not)."""
         return (self.directory / str(step) / "data").is_dir()
 
-    def restore_data_state(self, step: int, iterator) -> None:
+    def restore_data_state(self, step: int, iterator, worker_count: int | None = None) -> None:
         """Sets `iterator` (get_state / set_state) to this process's train iterator state of `step` (the file
-        grain's handler wrote, read directly so any iterator with set_state(dict) can take it)."""
+        grain's handler wrote, read directly so any iterator with set_state(dict) can take it). `worker_count`
+        (the grain pipeline's `DataConfig.worker_count`) must be the one the state was saved with: a state of
+        one worker layout set into another either fails deep in grain or silently resumes elsewhere."""
         path = self.directory / str(step) / "data" / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
         if not path.is_file():
             raise FileNotFoundError(f"no train iterator state for this process ({jax.process_index()} of "
                                     f"{jax.process_count()}) in {path.parent}: was the run saved with another "
                                     f"process count? ({', '.join(sorted(p.name for p in path.parent.iterdir()))})")
-        iterator.set_state(json.loads(path.read_text()))
+        state = json.loads(path.read_text())
+        if worker_count is not None:
+            from pregated_jax.data.grain_pipeline import state_worker_count
+
+            saved = state_worker_count(state)
+            if saved != worker_count:
+                raise ValueError(f"{path} was saved with DataConfig.worker_count={saved}, but this run has "
+                                 f"worker_count={worker_count}: resume with worker_count={saved} (each worker's "
+                                 f"position is part of the state)")
+        iterator.set_state(state)
 
     def wait(self) -> None:
         """Waits for an in-flight save; an OSError from it names the checkpoint folder."""

@@ -467,7 +467,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path, train_batches=N
         (workdir / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
     _log.info("workdir %s, resolved config: %s", workdir, json.dumps(run_config, sort_keys=True))
 
-    if train_batches is None:
+    default_input = train_batches is None  # the grain pipeline of config.data
+    if default_input:
         train_batches, default_eval = default_batches(config)
         eval_batches = default_eval if eval_batches is None else eval_batches
     data_iter = None  # a train iterator whose position is saved with each checkpoint (e.g. grain's)
@@ -476,7 +477,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path, train_batches=N
         if is_stateful(candidate):
             train_batches = data_iter = candidate
     if data_iter is not None and latest is not None and store.has_data_state(latest):
-        store.restore_data_state(latest, data_iter)  # continues at the next example: nothing is replayed
+        # continues at the next example: nothing is replayed
+        store.restore_data_state(latest, data_iter, config.data.worker_count if default_input else None)
         batches = data_iter
     else:  # a step -> batch callable, or an iterable whose first `start` batches are skipped
         batches = batches_from(train_batches, start)
