@@ -220,22 +220,31 @@ def test_shards_are_disjoint_and_cover_the_source(tok):
         shard(ds, 3, 3)
 
 
+def assert_resumes_at_the_next_batch(ds, taken: int, total: int, label: str) -> dict:
+    """A fresh iterator over `ds` set to the state (through JSON, as the checkpoint stores it) after `taken`
+    batches yields batches taken..total-1 of an uninterrupted run; -> that state."""
+    import json
+
+    it = iter(ds)
+    full = [next(it) for _ in range(total)]
+    it = iter(ds)
+    for _ in range(taken):
+        next(it)
+    state = json.loads(json.dumps(it.get_state()))
+    resumed = iter(ds)
+    resumed.set_state(state)
+    for want in full[taken:]:
+        got = next(resumed)
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=f"{label} {k}")
+    return state
+
+
 def test_iterator_state_resumes_at_the_next_batch(tok):
     examples = id_examples(23)
     for pack in (False, True):
-        ds = train_dataset(examples, tok, 3, LI, LT, seed=1, pack=pack)
-        it = iter(ds)
-        full = [next(it) for _ in range(9)]
-        it = iter(ds)
-        for _ in range(4):
-            next(it)
-        state = it.get_state()
-        resumed = iter(ds)
-        resumed.set_state(state)
-        for want in full[4:]:
-            got = next(resumed)
-            for k in want:
-                np.testing.assert_array_equal(got[k], want[k], err_msg=f"pack={pack} {k}")
+        assert_resumes_at_the_next_batch(train_dataset(examples, tok, 3, LI, LT, seed=1, pack=pack), 4, 9,
+                                         f"pack={pack}")
 
 
 def test_host_batch_keeps_all_packing_keys_or_refuses_a_partial_set():
@@ -254,8 +263,6 @@ def test_worker_processes_give_every_example_once_per_epoch_and_resume(tok):
     """worker_count > 0 (grain's mp_prefetch): one epoch over two workers yields every example exactly once,
     and a saved state (through JSON, as the checkpoint stores it) resumes at the next batch, packed and
     unpacked."""
-    import json
-
     examples = id_examples(23)
     for pack in (False, True):
         epoch = list(train_dataset(examples, tok, 3, LI, LT, seed=1, pack=pack, num_epochs=1, worker_count=2))
@@ -266,19 +273,7 @@ def test_worker_processes_give_every_example_once_per_epoch_and_resume(tok):
         assert sorted(got) == sorted((e["inputs"], e["targets"]) for e in examples), f"pack={pack}"
 
         ds = train_dataset(examples, tok, 3, LI, LT, seed=1, pack=pack, worker_count=2)
-        it = iter(ds)
-        full = [next(it) for _ in range(8)]
-        it = iter(ds)
-        for _ in range(3):
-            next(it)
-        state = json.loads(json.dumps(it.get_state()))  # the checkpoint stores it as JSON
-        assert state_worker_count(state) == 2
-        resumed = iter(ds)
-        resumed.set_state(state)
-        for want in full[3:]:
-            got_batch = next(resumed)
-            for k in want:
-                np.testing.assert_array_equal(got_batch[k], want[k], err_msg=f"pack={pack} {k}")
+        assert state_worker_count(assert_resumes_at_the_next_batch(ds, 3, 8, f"pack={pack}, 2 workers")) == 2
     with pytest.raises(ValueError, match="worker_count must be >= 0"):
         train_dataset(examples, tok, 3, LI, LT, worker_count=-1)
 
