@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -505,3 +506,18 @@ def test_default_batches_read_a_local_file_through_grain(tmp_path):
     assert batch["encoder_segment_ids"].max() >= 2  # short examples share rows
     halves = [next(default_batches(cfg, shard_index=i, shard_count=2)[0]) for i in range(2)]
     assert all(h["input_ids"].shape == (2, 12) for h in halves)
+
+
+def test_first_non_finite_names_the_first_bad_array_of_params_then_optimizer_state():
+    """The diverging-run error names the first params / optimizer-state array holding a NaN or infinity
+    (integer leaves are skipped), checked with one jitted program."""
+    from pregated_jax.train.loop import TrainState, _first_non_finite
+
+    ok = jnp.ones((3,), jnp.float32)
+    params = {"a": ok, "b": jnp.array([1.0, jnp.inf]), "c": jnp.array([jnp.nan])}
+    opt = {"count": jnp.array(3, jnp.int32), "mu": {"a": jnp.array([jnp.nan])}}
+    state = TrainState(jnp.zeros((), jnp.int32), params, opt, {})
+    assert _first_non_finite(state) == "['params']['b']"
+    state = TrainState(jnp.zeros((), jnp.int32), {"a": ok}, opt, {})
+    assert _first_non_finite(state) == "['opt_state']['mu']['a']"
+    assert _first_non_finite(TrainState(jnp.zeros((), jnp.int32), {"a": ok}, {"count": opt["count"]}, {})) is None

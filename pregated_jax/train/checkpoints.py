@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
@@ -147,18 +148,24 @@ def _finite_flags(arrays: list) -> jax.Array:
     return jnp.stack([jnp.isfinite(x).all() for x in arrays])
 
 
-def _require_finite_state(leaves: list[tuple[str, Any]], where: str) -> None:
-    """`require_finite` of restored (name, array) pairs, checked in one jitted program: an eager reduction per
-    sharded array dispatches hundreds of small collective programs back to back, and with several processes
-    on the CPU (gloo) those can hang one process while the others go on to the train step. The first
-    non-finite array is then named by `require_finite` (gathered to the host first where other processes hold
-    parts of it)."""
-    floats = [(n, x) for n, x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
-    if not floats:
-        return
-    sharding = getattr(floats[0][1], "sharding", None)  # on a mesh: the flags replicated, readable everywhere
+def finite_flags(arrays: list) -> np.ndarray:
+    """bool [n] on the host: whether each (floating) array holds only finite values, computed in one jitted
+    program. An eager reduction per sharded array dispatches hundreds of small collective programs back to
+    back, and with several processes on the CPU (gloo) those can hang one process while the others go on;
+    on a mesh the flags come back replicated, so every process reads them."""
+    if not arrays:
+        return np.zeros((0,), bool)
+    sharding = getattr(arrays[0], "sharding", None)
     out = NamedSharding(sharding.mesh, PartitionSpec()) if isinstance(sharding, NamedSharding) else None
-    flags = jax.device_get(jax.jit(_finite_flags, out_shardings=out)([x for _, x in floats]))
+    return np.asarray(jax.device_get(jax.jit(_finite_flags, out_shardings=out)(list(arrays))))
+
+
+def _require_finite_state(leaves: list[tuple[str, Any]], where: str) -> None:
+    """`require_finite` of restored (name, array) pairs, checked in one jitted program (`finite_flags`). The
+    first non-finite array is then named by `require_finite` (gathered to the host first where other processes
+    hold parts of it)."""
+    floats = [(n, x) for n, x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
+    flags = finite_flags([x for _, x in floats])
     for (name, x), ok in zip(floats, flags):
         if not ok:
             if isinstance(x, jax.Array) and not x.is_fully_addressable:

@@ -39,7 +39,7 @@ from pregated_jax.distributed import put_global
 from pregated_jax.expert_parallel import batch_sharding, expert_state_shardings, replicated, shard_model
 from pregated_jax.mesh import MeshConfig
 from pregated_jax.model import SwitchTransformer, router_loss
-from pregated_jax.train.checkpoints import (CHECKPOINT_SUBDIR, CheckpointStore, load_run_config,
+from pregated_jax.train.checkpoints import (CHECKPOINT_SUBDIR, CheckpointStore, finite_flags, load_run_config,
                                             model_from_params, restore_model, step_dir)
 from pregated_jax.train.config import ModelConfig, OptimizerConfig, TrainConfig
 from pregated_jax.train.inputs import (PACKING_KEYS, Batch, batches_from, default_batches, eval_batches_view,
@@ -304,10 +304,12 @@ class _TensorBoardScalars:
 
 
 def _first_non_finite(state: TrainState) -> str | None:
-    """The path of the first params / optimizer state array holding a NaN or infinity (host check)."""
-    tree = {"params": state.params, "opt_state": state.opt_state}
-    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        if jnp.issubdtype(x.dtype, jnp.inexact) and not bool(jnp.isfinite(x).all()):
+    """The path of the first params / optimizer state array holding a NaN or infinity (one jitted check)."""
+    floats = [(path, x) for name in ("params", "opt_state")  # params first (a dict would sort them last)
+              for path, x in jax.tree_util.tree_flatten_with_path({name: getattr(state, name)})[0]
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    for (path, _), ok in zip(floats, finite_flags([x for _, x in floats])):
+        if not ok:
             return jax.tree_util.keystr(path)
     return None
 
