@@ -32,8 +32,8 @@ import numpy as np
 from flax import nnx
 
 from pregated_jax.config import SwitchConfig
-from pregated_jax.model import (SwitchTransformer, abstract_model, expert_memory_kind, materialize, require_finite,
-                                 routing_roles)
+from pregated_jax.model import (SwitchTransformer, abstract_model, expert_memory_kind, loaded_param_dtype, materialize,
+                                 require_finite, routing_roles)
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 TORCH_BIN, TORCH_BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
@@ -312,7 +312,7 @@ def from_pretrained(path: str | os.PathLike, dtype: str | None = None, routing: 
             value = tensors.get(names[0]).T
         else:
             value = np.stack([tensors.get(n).T for n in names])
-        params[path_] = np.ascontiguousarray(value, dtype=np.float32)
+        params[path_] = np.ascontiguousarray(value, dtype=loaded_param_dtype(config, path_, memory_kind))
     for name in sorted(copies & present):  # tied duplicates must really be duplicates
         if tensors.shape(name) != shapes[("shared",)] or not np.array_equal(
                 tensors.get(name).astype(np.float32), params[("shared",)]):
@@ -322,7 +322,7 @@ def from_pretrained(path: str | os.PathLike, dtype: str | None = None, routing: 
         from pregated_jax.convert import pregated_params
 
         model, params = abstract_model(config.replace(routing="pregated")), pregated_params(config, params)
-    return materialize(model, params, seed, memory_kind)
+    return materialize(model, params, seed, memory_kind, release=True)
 
 
 def hf_state_dict(model: SwitchTransformer) -> dict[str, np.ndarray]:

@@ -443,8 +443,17 @@ def expert_memory_kind(experts_on: str, device: jax.Device | None = None) -> str
     return host_memory_kind(device) if experts_on == "host" else None
 
 
+def loaded_param_dtype(config: SwitchConfig, path: tuple, expert_memory_kind: str | None) -> np.dtype:
+    """The dtype a loader reads a param into: an expert stack bound for host memory in the compute dtype
+    (`config.dtype`; the engine computes in it, and a bfloat16 model's stacks then take half of float32's host
+    bytes), every other param in float32 (the master weights)."""
+    if expert_memory_kind is not None and is_expert_param(path):
+        return np.dtype(jnp.dtype(config.dtype))
+    return np.dtype(np.float32)
+
+
 def materialize(model: SwitchTransformer, params: dict[tuple, Array], seed: int = 0,
-                expert_memory_kind: str | None = None) -> SwitchTransformer:
+                expert_memory_kind: str | None = None, release: bool = False) -> SwitchTransformer:
     """Fills an abstract model (see `abstract_model`) in place with `params` (flat path -> array) and
     fresh RNG state seeded from `seed`; returns it in eval mode. Every param must be given, with its
     declared shape.
@@ -452,7 +461,9 @@ def materialize(model: SwitchTransformer, params: dict[tuple, Array], seed: int 
     Params go to the default device's default memory, except expert stacks (`is_expert_param`, plain or
     `QuantizedExperts`) when `expert_memory_kind` is given (e.g. "pinned_host", `host_memory_kind`): those are
     put straight into that memory of the default device, so a numpy stack never passes through device memory.
-    The inference engine takes such stacks as they are; other uses (calling the model) are up to the backend."""
+    The inference engine takes such stacks as they are; other uses (calling the model) are up to the backend.
+    `release=True` (for loaders) removes each entry from `params` once it is placed, so host copies read from a
+    file are freed one by one: host memory peaks near the model's size instead of twice it."""
     target = None
     if expert_memory_kind is not None:
         device = jax.devices()[0]
@@ -471,10 +482,12 @@ def materialize(model: SwitchTransformer, params: dict[tuple, Array], seed: int 
     out, base = {}, jax.random.key(seed)
     for i, (path, var) in enumerate(flat.items()):
         if isinstance(var, nnx.Param):
+            given = params.pop(path) if release else params[path]
             if target is not None and is_expert_param(path):
-                value = jax.tree.map(lambda a: jax.device_put(a, target), params[path])
+                value = jax.tree.map(lambda a: jax.device_put(a, target), given)
             else:
-                value = jax.tree.map(jnp.asarray, params[path])  # an array, or a quantized expert stack's leaves
+                value = jax.tree.map(jnp.asarray, given)  # an array, or a quantized expert stack's leaves
+            del given  # with release: the last reference to the host copy
             want = var.get_value().shape
             if value.shape != want:
                 raise ValueError(f"param {'.'.join(map(str, path))}: expected shape {want}, got {value.shape}")

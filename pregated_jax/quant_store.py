@@ -133,4 +133,4 @@ def load_quantized(path: str | os.PathLike, dtype: str | None = None, seed: int 
         raise ValueError(f"{file}: unexpected tensor(s) {sorted(unexpected)[:8]} for a model with this config.json")
     require_finite([(".".join(map(str, p)), v if isinstance(v, np.ndarray) else v.scales) for p, v in params.items()],
                    str(file))
-    return materialize(model, params, seed, memory_kind)
+    return materialize(model, params, seed, memory_kind, release=True)

@@ -52,7 +52,8 @@ from flax import nnx
 
 from pregated_jax.config import PRESETS, SwitchConfig, get_preset
 from pregated_jax.hf_checkpoint import CheckpointError
-from pregated_jax.model import SwitchTransformer, abstract_model, expert_memory_kind, materialize, require_finite
+from pregated_jax.model import (SwitchTransformer, abstract_model, expert_memory_kind, loaded_param_dtype, materialize,
+                                 require_finite)
 
 MSGPACK_FILE = "checkpoint"
 ORBAX_STATE = "state"  # the Orbax item that holds the train state in newer t5x checkpoints
@@ -239,10 +240,10 @@ class T5XArrays:
             return tuple(self._store(name).shape)
         return tuple(np.shape(leaf))
 
-    def get(self, name: str, transpose: bool = False) -> np.ndarray:
-        """`name` as a C-contiguous float32 array (transposed if asked). A stacked expert array is read
-        into its float32 result in slabs of experts as deep as its chunks: each chunk is decompressed once
-        (t5x's chunks often span every expert), and only one slab in the stored dtype is held beside it."""
+    def get(self, name: str, transpose: bool = False, dtype=np.float32) -> np.ndarray:
+        """`name` as a C-contiguous array of `dtype` (transposed if asked). A stacked expert array is read
+        into its result in slabs of experts as deep as its chunks: each chunk is decompressed once (t5x's
+        chunks often span every expert), and only one slab in the stored dtype is held beside it."""
         leaf = self.leaves[name]
         if not isinstance(leaf, tuple):
             value = np.asarray(leaf)
@@ -254,7 +255,7 @@ class T5XArrays:
             store = self._store(name)
             try:
                 if store.ndim == 3:
-                    value = np.empty(store.shape, np.float32)
+                    value = np.empty(store.shape, dtype)
                     slab = store.chunk_layout.read_chunk.shape[0] or 1
                     for j in range(0, store.shape[0], slab):
                         value[j:j + slab] = store[j:j + slab].read().result()
@@ -265,7 +266,7 @@ class T5XArrays:
         if transpose:
             value = value.T
         require_finite([(name, value)], self.where(name), CheckpointError)
-        return np.ascontiguousarray(value, np.float32)
+        return np.ascontiguousarray(value, dtype)
 
 
 # --- names and config -------------------------------------------------------------------------------
@@ -439,9 +440,10 @@ def load_t5x(path: str | os.PathLike, config: SwitchConfig | str | os.PathLike |
         if arrays.shape(name) != want:
             raise CheckpointError(f"{arrays.where(name)}: parameter {name!r} has shape {arrays.shape(name)}, "
                                   f"expected {want}")
-    params = {ours: arrays.get(name, transpose) for ours, (name, transpose) in layout.items()}
+    params = {ours: arrays.get(name, transpose, loaded_param_dtype(cfg, ours, memory_kind))
+              for ours, (name, transpose) in layout.items()}
     if convert:  # straight to the pre-gated model: each pre-gate starts as the next MoE block's gate
         from pregated_jax.convert import pregated_params
 
         model, params = abstract_model(cfg.replace(routing="pregated")), pregated_params(cfg, params)
-    return materialize(model, params, seed, memory_kind)
+    return materialize(model, params, seed, memory_kind, release=True)

@@ -107,7 +107,7 @@ def test_host_load_puts_no_expert_stack_in_device_memory(pregated_dir, what, mon
 
 @pytest.mark.parametrize("dtype, expert_dtype, what", [
     ("float32", "bfloat16", "hf"),    # stacks already in the engine's format: kept as loaded
-    pytest.param("bfloat16", "bfloat16", "hf", marks=pytest.mark.slow),  # float32 stacks cast on the host
+    pytest.param("bfloat16", "bfloat16", "hf", marks=pytest.mark.slow),  # read as bfloat16 stacks: kept
     pytest.param("float32", "int8", "hf", marks=pytest.mark.slow),  # quantized a few experts at a time
     pytest.param("float32", "int8", "int8", marks=pytest.mark.slow),  # a quantized store: kept as loaded
 ])
@@ -130,7 +130,8 @@ def test_engine_takes_host_stacks_as_they_are_and_generates_the_default_loads_to
     monkeypatch.setattr(placement, "as_format", as_format)
     engine = InferenceEngine(model, mode="pregated", expert_dtype=expert_dtype)
     monkeypatch.undo()
-    kept = (dtype == "float32" and expert_dtype == "bfloat16") or what == "int8"
+    # host stacks are read in the compute dtype (`model.loaded_param_dtype`): kept when unquantized
+    kept = expert_dtype == "bfloat16" or what == "int8"
     # a host stack is converted from numpy, or kept as it is: no jax operation runs on it
     assert all(numpy or same for numpy, same in calls)
     assert sum(numpy for numpy, _ in calls) == (0 if kept else 2 * _moe_blocks(model))
@@ -175,3 +176,18 @@ def test_conventional_checkpoint_loaded_pregated_keeps_its_experts_on_the_host(c
             np.testing.assert_array_equal(np.asarray(value), np.asarray(want[path]), err_msg=str(path))
     for path, value in _experts(converted).items():  # to_pregated copies
         assert value is not _experts(host)[path]
+
+
+def test_host_stacks_are_read_in_the_compute_dtype(pregated_dir):
+    """experts_on="host": a Hugging Face checkpoint's expert stacks are read straight into the compute dtype
+    (bfloat16 stacks take half of float32's host bytes) with the values of the float32 load rounded; on the
+    device every param stays a float32 master weight."""
+    ref = _experts(load_model(pregated_dir / "hf", dtype="bfloat16"))
+    for path, value in ref.items():
+        assert value.dtype == jnp.float32, path
+    for dtype in ("float32", "bfloat16"):
+        host = _experts(load_model(pregated_dir / "hf", dtype=dtype, experts_on="host"))
+        assert host.keys() == ref.keys()
+        for path, value in host.items():
+            assert value.dtype == jnp.dtype(dtype) and value.sharding.memory_kind == "pinned_host", path
+            np.testing.assert_array_equal(np.asarray(value), np.asarray(ref[path]).astype(jnp.dtype(dtype)))

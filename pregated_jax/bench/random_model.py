@@ -53,7 +53,7 @@ def random_model(config: SwitchConfig, seed: int = 0, experts_on_host: bool = Tr
         else:
             value = (jax.random.normal(jax.random.fold_in(key, n), shape, leaf_dtype) * std).astype(leaf_dtype)
         params[path] = value
-    return materialize(abstract_model(config), params, seed)
+    return materialize(abstract_model(config), params, seed, release=True)
 
 
 def _host_stack(shape: tuple, std: float, dtype, rng: np.random.Generator, pools: dict) -> np.ndarray:

@@ -264,4 +264,4 @@ def model_from_params(cfg: SwitchConfig, params: dict, seed: int = 0,
     extra = set(flat_shapes(params)) - {".".join(map(str, p)) for p in by_path}
     if extra:
         raise ValueError(f"params not in a model of this config: {sorted(extra)[:20]}")
-    return materialize(model, by_path, seed, memory_kind)
+    return materialize(model, by_path, seed, memory_kind, release=True)
