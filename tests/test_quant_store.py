@@ -91,3 +91,19 @@ def test_float8_store_keeps_the_values_and_bfloat16_is_refused(model, tmp_path):
     np.testing.assert_array_equal(np.asarray(got.values, np.float32), np.asarray(want.values, np.float32))
     with pytest.raises(ValueError, match="needs a quantized expert dtype, got 'bfloat16'"):
         save_quantized(model, tmp_path / "bf16", "bfloat16")
+
+
+def test_quantize_with_dtype_bfloat16_quantizes_the_bf16_experts(model, tmp_path):
+    """scripts/quantize.py --dtype bfloat16 reads a float32 checkpoint's experts in bfloat16 (half the host
+    memory) and quantizes those: the store holds quantize(bf16(w)) and records bfloat16 as its compute dtype."""
+    save_pretrained(model, tmp_path / "hf")
+    _quantize_script().main(["--checkpoint", str(tmp_path / "hf"), "--expert_dtype", "int8", "--dtype", "bfloat16",
+                             "--out", str(tmp_path / "store")])
+    loaded = load_model(tmp_path / "store")
+    assert loaded.config.dtype == "bfloat16"
+    restored = _params(loaded)
+    for path, value in _params(model).items():
+        if path[-2:-1] == ("experts",):
+            want = Q.quantize(np.asarray(value).astype(jnp.bfloat16), "int8")
+            np.testing.assert_array_equal(np.asarray(restored[path].values), want.values, err_msg=str(path))
+            np.testing.assert_array_equal(np.asarray(restored[path].scales), want.scales, err_msg=str(path))

@@ -27,13 +27,18 @@ def main(argv=None):
     p.add_argument("--expert_dtype", required=True, choices=[f for f in FORMATS if f != "bfloat16"])
     p.add_argument("--expert_group_size", type=int, default=DEFAULT_GROUP_SIZE,
                    help=f"int4: input rows per scale (default {DEFAULT_GROUP_SIZE}; must divide d_model and d_ff)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"],
+                   help="the dtype the experts are read in and quantized from, and the store's compute dtype "
+                        "(default: the checkpoint's). bfloat16 halves the host memory a float32 checkpoint needs "
+                        "while it is quantized; a value then differs by one step where bf16's rounding crosses one")
     p.add_argument("--out", required=True, help="the store's directory (created)")
     args = p.parse_args(argv)
 
     from pregated_jax.loading import load_model, vocabulary_for
     from pregated_jax.quant_store import save_quantized
 
-    model = load_model(args.checkpoint, experts_on="host")  # quantized from host memory, a few experts at a time
+    # quantized from host memory, a few experts at a time; host-bound stacks are read in the compute dtype
+    model = load_model(args.checkpoint, dtype=args.dtype, experts_on="host")
     out = save_quantized(model, args.out, args.expert_dtype, args.expert_group_size)
     shutil.copyfile(vocabulary_for(args.checkpoint), out / "spiece.model")  # the vocabulary that goes with it
     print(f"wrote {out}: {sorted(f.name for f in out.iterdir())}")
