@@ -1,6 +1,7 @@
 """How much memory a generation request needs, and whether the device has it: checked on the host before
 anything is compiled or dispatched, so a request that cannot fit fails at once with the figures instead of
-growing until the process is killed or a kernel fails.
+growing until the process is killed or a kernel fails. `put_on_host` does the same for host memory: a stack
+that does not fit XLA's pinned host pool fails with its name, its size and the setting that raises the pool.
 
 `estimate_request(config, batch, input_len, max_new_tokens, num_beams, expert_buffer_bytes)` adds up the
 tensors a request allocates beyond the weights (which are already resident, and counted as in use). With
@@ -143,3 +144,26 @@ def check_request_fits(config: SwitchConfig, device, batch: int, input_len: int,
 
 def _gib(n: int) -> str:
     return f"{n / GIB:.3g} GiB"
+
+
+HOST_LIMIT_VAR = "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"  # XLA's pinned host pool on a GPU; 64 GB when unset
+
+
+def put_on_host(value, sharding, name: str = "experts"):
+    """`jax.device_put(value, sharding)` for a stack going to host memory. On a GPU, XLA takes pinned host memory
+    from one pool per process (64 GB unless XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB says otherwise); running out of
+    it raises a MemoryError that names the stack, its size and that variable instead of XLA's allocator error."""
+    import jax
+
+    try:
+        return jax.device_put(value, sharding)
+    except jax.errors.JaxRuntimeError as e:
+        if "Out of host memory" not in str(e):
+            raise
+        gib = sum(leaf.size * np.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(value)) / 2 ** 30
+        limit = os.environ.get(HOST_LIMIT_VAR)
+        raise MemoryError(
+            f"{name}: {gib:.2f} GiB more do not fit in XLA's pinned host memory "
+            f"({f'{HOST_LIMIT_VAR}={limit}' if limit else f'{HOST_LIMIT_VAR} unset: 64 GB'}). Set {HOST_LIMIT_VAR} "
+            f"to the GB of host memory this process may pin, before JAX starts, or keep the experts in a smaller "
+            f"format (expert_dtype; scripts/quantize.py writes a store that loads without the bf16 copy)") from e

@@ -18,6 +18,7 @@ from flax import nnx, struct
 from jax.sharding import SingleDeviceSharding
 
 from pregated_jax.config import SwitchConfig
+from pregated_jax.memory import put_on_host
 from pregated_jax.layers import (Attention, DenseFFN, RelativePositionBias, RMSNorm, causal,
                                  compute_dtype, dense_init, key_padding, same_segment, visibility_bias)
 from pregated_jax.moe import Experts, ExpertSlots
@@ -484,7 +485,7 @@ def materialize(model: SwitchTransformer, params: dict[tuple, Array], seed: int 
         if isinstance(var, nnx.Param):
             given = params.pop(path) if release else params[path]
             if target is not None and is_expert_param(path):
-                value = jax.tree.map(lambda a: jax.device_put(a, target), given)
+                value = put_on_host(given, target, ".".join(map(str, path)))
             else:
                 value = jax.tree.map(jnp.asarray, given)  # an array, or a quantized expert stack's leaves
             del given  # with release: the last reference to the host copy

@@ -365,25 +365,25 @@ def test_running_out_of_pinned_host_memory_names_the_stack_and_the_limit(monkeyp
     size and XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB; other runtime errors pass through unchanged."""
     import jax
 
-    from pregated_jax.engine import placement
+    from pregated_jax import memory
 
     def exhausted(value, sharding):
         raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of host memory while trying to allocate 512.00MiB "
                                          "with allocator xla_gpu_host_bfc on device 0.")
 
-    monkeypatch.setattr(placement.jax, "device_put", exhausted)
-    monkeypatch.delenv(placement.HOST_LIMIT_VAR, raising=False)
+    monkeypatch.setattr(jax, "device_put", exhausted)
+    monkeypatch.delenv(memory.HOST_LIMIT_VAR, raising=False)
     w = np.zeros((4, 256, 512), np.float32)  # 2 MiB
     with pytest.raises(MemoryError, match=r"decoder\.block\.1\.wi: 0\.00 GiB .*XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB "
                                           r"unset: 64 GB"):
-        placement.put_on_host(w, None, "decoder.block.1.wi")
-    monkeypatch.setenv(placement.HOST_LIMIT_VAR, "100")
+        memory.put_on_host(w, None, "decoder.block.1.wi")
+    monkeypatch.setenv(memory.HOST_LIMIT_VAR, "100")
     with pytest.raises(MemoryError, match="XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB=100"):
-        placement.put_on_host(w, None)
+        memory.put_on_host(w, None)
 
     def other(value, sharding):
         raise jax.errors.JaxRuntimeError("INTERNAL: something else")
 
-    monkeypatch.setattr(placement.jax, "device_put", other)
+    monkeypatch.setattr(jax, "device_put", other)
     with pytest.raises(jax.errors.JaxRuntimeError, match="something else"):
-        placement.put_on_host(w, None)
+        memory.put_on_host(w, None)

@@ -8,7 +8,8 @@ import numpy as np
 
 from pregated_jax import quant
 from pregated_jax.config import SwitchConfig
-from pregated_jax.engine.placement import Memories, put_on_host
+from pregated_jax.engine.placement import Memories
+from pregated_jax.memory import put_on_host
 from pregated_jax.model import SwitchTransformer, abstract_model, materialize, param_shapes
 
 

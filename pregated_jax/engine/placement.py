@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +16,7 @@ import numpy as np
 from flax import nnx, struct
 from jax.sharding import SingleDeviceSharding
 
+from pregated_jax.memory import put_on_host
 from pregated_jax.model import (Block, CrossKV, SwitchTransformer, host_memory_kind, lm_logits,
                                  self_attention_bias)
 from pregated_jax.moe import ExpertSlots
@@ -92,27 +92,6 @@ def place_experts(w, mem: Memories, expert_dtype: str, group_size: int, dtype, n
         return w
     w = jax.tree.map(np.asarray, w)
     return put_on_host(as_format(w, expert_dtype, group_size, dtype, name), mem.on_host, name)
-
-
-HOST_LIMIT_VAR = "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"  # XLA's pinned host pool on a GPU; 64 GB when unset
-
-
-def put_on_host(value, sharding, name: str = "experts"):
-    """`jax.device_put(value, sharding)` for a stack going to host memory. On a GPU, XLA takes pinned host memory
-    from one pool per process (64 GB unless XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB says otherwise); running out of
-    it raises a MemoryError that names the stack, its size and that variable instead of XLA's allocator error."""
-    try:
-        return jax.device_put(value, sharding)
-    except jax.errors.JaxRuntimeError as e:
-        if "Out of host memory" not in str(e):
-            raise
-        gib = sum(leaf.size * np.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(value)) / 2 ** 30
-        limit = os.environ.get(HOST_LIMIT_VAR)
-        raise MemoryError(
-            f"{name}: {gib:.2f} GiB more do not fit in XLA's pinned host memory "
-            f"({f'{HOST_LIMIT_VAR}={limit}' if limit else f'{HOST_LIMIT_VAR} unset: 64 GB'}). Set {HOST_LIMIT_VAR} "
-            f"to the GB of host memory this process may pin, before JAX starts, or keep the experts in a smaller "
-            f"format (expert_dtype; scripts/quantize.py writes a store that loads without the bf16 copy)") from e
 
 
 @struct.dataclass
