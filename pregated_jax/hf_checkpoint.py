@@ -118,8 +118,10 @@ _ST_DTYPES = {
 }
 
 
-class _Safetensors:
-    """One .safetensors file: the header is parsed up front, tensor bytes are read on demand."""
+class SafetensorsFile:
+    """One .safetensors file: the header is parsed and checked up front, and each tensor's bytes are read on
+    demand with plain reads into one array (no memory map, whose pages would count in the process's memory
+    while the file is read). Also reads the quantized expert stores (`quant_store`)."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -136,6 +138,7 @@ class _Safetensors:
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
         self.data_start = 8 + n
+        self.metadata = header.get("__metadata__") or {}  # str -> str
         self.entries = {k: v for k, v in header.items() if k != "__metadata__"}
         size = path.stat().st_size
         for name, e in self.entries.items():
@@ -145,6 +148,9 @@ class _Safetensors:
             nbytes = int(np.prod(e["shape"], dtype=np.int64)) * np.dtype(_ST_DTYPES[e["dtype"]]).itemsize
             if end - begin != nbytes or self.data_start + end > size:
                 raise CheckpointError(f"{path}: tensor {name!r} has corrupt data offsets {e['data_offsets']}")
+
+    def names(self) -> set[str]:
+        return set(self.entries)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.entries[name]["shape"])
@@ -191,7 +197,7 @@ class _Tensors:
         found = next((f for f in WEIGHT_FILES if (directory / f).is_file()), None)
         if found is None:
             raise CheckpointError(f"{directory}: no weights file (looked for {', '.join(WEIGHT_FILES)})")
-        reader = _Safetensors if "safetensors" in found else _TorchBin
+        reader = SafetensorsFile if "safetensors" in found else _TorchBin
         self.source = directory / found
         if found.endswith(".index.json"):
             try:

@@ -76,11 +76,10 @@ def save_quantized(model: SwitchTransformer, path: str | os.PathLike, expert_dty
 
 def store_format(path: str | os.PathLike) -> tuple[str, int]:
     """(expert dtype, int4 group size) recorded in a store."""
-    from safetensors import safe_open
+    from pregated_jax.hf_checkpoint import SafetensorsFile
 
     file = Path(path) / STORE_FILE
-    with safe_open(str(file), framework="numpy") as f:
-        meta = f.metadata() or {}
+    meta = SafetensorsFile(file).metadata
     if meta.get("kind") != _KIND or meta.get("expert_dtype") not in FORMATS:
         raise ValueError(f"{file}: not a quantized expert store (metadata {meta})")
     return meta["expert_dtype"], int(meta["group_size"])
@@ -92,7 +91,7 @@ def load_quantized(path: str | os.PathLike, dtype: str | None = None, seed: int 
     `experts_on="host"` puts the quantized stacks straight into host memory, where the inference engine keeps
     them (`model.materialize`); "device" (default) puts them with the rest.
     Errors name the file and the tensor that is missing, unexpected, misshaped or not finite."""
-    from safetensors import safe_open
+    from pregated_jax.hf_checkpoint import SafetensorsFile
 
     directory = Path(path)
     file = directory / STORE_FILE
@@ -103,31 +102,30 @@ def load_quantized(path: str | os.PathLike, dtype: str | None = None, seed: int 
     fmt, _ = store_format(directory)
     model = abstract_model(config)
     params, read = {}, set()
-    with safe_open(str(file), framework="numpy") as f:
-        present = set(f.keys())
+    f = SafetensorsFile(file)  # plain reads, one tensor at a time
+    present = f.names()
 
-        def get(name, shape=None):
-            if name not in present:
-                raise ValueError(f"{file}: missing tensor {name!r}")
-            read.add(name)
-            value = f.get_tensor(name)
-            if shape is not None and tuple(value.shape) != tuple(shape):
-                raise ValueError(f"{file}: tensor {name!r} has shape {tuple(value.shape)}, expected {tuple(shape)}")
-            return value
+    def get(name, shape=None):
+        if name not in present:
+            raise ValueError(f"{file}: missing tensor {name!r}")
+        read.add(name)
+        if shape is not None and f.shape(name) != tuple(shape):
+            raise ValueError(f"{file}: tensor {name!r} has shape {f.shape(name)}, expected {tuple(shape)}")
+        return f.get(name)
 
-        for p, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-            name, shape = ".".join(map(str, p)), var.get_value().shape
-            if not _is_expert(p):
-                params[p] = get(name, shape)
-                continue
-            values, scales = get(f"{name}.values"), get(f"{name}.scales")
-            if fmt == "float8_e4m3fn":
-                values = values.view(ml_dtypes.float8_e4m3fn)
-            q = QuantizedExperts(values, scales, fmt)  # numpy: `materialize` places it
-            if tuple(q.shape) != tuple(shape):
-                raise ValueError(f"{file}: tensor {name!r} holds experts of shape {tuple(q.shape)}, "
-                                 f"expected {tuple(shape)}")
-            params[p] = q
+    for p, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        name, shape = ".".join(map(str, p)), var.get_value().shape
+        if not _is_expert(p):
+            params[p] = get(name, shape)
+            continue
+        values, scales = get(f"{name}.values"), get(f"{name}.scales")
+        if fmt == "float8_e4m3fn":
+            values = values.view(ml_dtypes.float8_e4m3fn)
+        q = QuantizedExperts(values, scales, fmt)  # numpy: `materialize` places it
+        if tuple(q.shape) != tuple(shape):
+            raise ValueError(f"{file}: tensor {name!r} holds experts of shape {tuple(q.shape)}, "
+                             f"expected {tuple(shape)}")
+        params[p] = q
     unexpected = present - read
     if unexpected:
         raise ValueError(f"{file}: unexpected tensor(s) {sorted(unexpected)[:8]} for a model with this config.json")
