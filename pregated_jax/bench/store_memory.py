@@ -1,5 +1,5 @@
-"""Host memory of an unquantized checkpoint vs quantized expert stores (issue 21: "a large-128 int8 store takes
-<= 0.55x the bf16 host bytes; report peak host RSS").
+"""Host memory of an unquantized checkpoint vs quantized expert stores: how many bytes the experts take in each
+format, and what a process that loads them for offloaded inference holds and peaks at.
 
 Two parts:
 
@@ -10,13 +10,12 @@ Two parts:
   (`random_model`, real shapes) and int8 / int4 stores of the same weights through the project's own quantize
   path (`pregated_jax.cli.quantize.main`, i.e. scripts/quantize.py), then loads each one in a fresh
   subprocess the way the offload engine does (`pj.load_model(path, dtype="bfloat16", experts_on="host")`,
-  nothing else built) and
-  records the process's peak RSS (`ru_maxrss`), its RSS after the load (anonymous and file-backed), the bytes of
-  the expert stacks it holds, and the file size; a baseline subprocess that only imports jax + pregated_jax and
-  makes one array gives the runtime's own RSS, subtracted from the others.
+  nothing else built) and records the process's peak RSS (`ru_maxrss`), its RSS after the load (anonymous and
+  file-backed), the bytes of the expert stacks it holds, and the file size; a baseline subprocess that only
+  imports jax + pregated_jax and makes one array gives the runtime's own RSS, subtracted from the others.
 
 Bound for host memory, a Hugging Face checkpoint's expert stacks are read in the compute dtype
-(`model.loaded_param_dtype`: bfloat16 here), the engine's unquantized host bytes, the reference of the issue's
+(`model.loaded_param_dtype`: bfloat16 here), the engine's unquantized host bytes, the reference of every
 ratio; the other params are float32 master weights in every row.
 
     python scripts/store_memory.py --preset switch-base-32 --formats int8,int4 --out /tmp/store-mem/out

@@ -103,6 +103,8 @@ def train_dataset(source, tokenizer: Tokenizer, batch_size: int, max_input_len: 
     if batch_size <= 0 or max_input_len <= 0 or max_target_len <= 0:
         raise ValueError("batch_size, max_input_len and max_target_len must be positive, got "
                          f"{batch_size}, {max_input_len}, {max_target_len}")
+    if worker_count < 0:
+        raise ValueError(f"worker_count must be >= 0, got {worker_count}")
     ds = shard(as_map_dataset(source), shard_index, shard_count)
     if seed is not None:
         ds = ds.shuffle(seed=seed)
@@ -116,8 +118,6 @@ def train_dataset(source, tokenizer: Tokenizer, batch_size: int, max_input_len: 
             ds, length_struct={"inputs": max_input_len, "targets": max_target_len},
             num_packing_bins=num_packing_bins or batch_size, shuffle_bins=False)
         ds = ds.batch(batch_size, drop_remainder=False, batch_fn=collate_packed)
-    if worker_count < 0:
-        raise ValueError(f"worker_count must be >= 0, got {worker_count}")
     if worker_count:
         _absl_flags_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
