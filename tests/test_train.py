@@ -521,3 +521,19 @@ def test_first_non_finite_names_the_first_bad_array_of_params_then_optimizer_sta
     state = TrainState(jnp.zeros((), jnp.int32), {"a": ok}, opt, {})
     assert _first_non_finite(state) == "['opt_state']['mu']['a']"
     assert _first_non_finite(TrainState(jnp.zeros((), jnp.int32), {"a": ok}, {"count": opt["count"]}, {})) is None
+
+
+def test_relative_checkpoint_paths_reach_orbax_absolute(tmp_path, monkeypatch):
+    """A relative workdir (as `scripts/quality_experiment.py` passes): newer Orbax refuses relative paths in its
+    tensorstore writes, so the store and the readers hand Orbax absolute ones; the round trip works from a cwd."""
+    from pregated_jax.train.checkpoints import CheckpointStore, load_params, step_dir
+    monkeypatch.chdir(tmp_path)
+    store = CheckpointStore("run/checkpoints", keep=1, async_save=False)
+    assert store.directory == tmp_path / "run/checkpoints"
+    w = np.arange(6, dtype=np.float32).reshape(2, 3)
+    store.save(2, {"step": np.int32(2), "params": {"w": w}, "opt_state": {}, "rngs": {}},
+               {"model_config": {}, "train_config": {}})
+    store.wait()
+    store.close()
+    assert step_dir("run") == tmp_path / "run/checkpoints/2"
+    np.testing.assert_array_equal(np.asarray(load_params("run")["w"]), w)

@@ -58,7 +58,7 @@ class CheckpointStore:
     def __init__(self, directory: str | Path, keep: int, async_save: bool = True):
         """Raises an OSError naming `directory` and the cause when it cannot be created or written to
         (checked here, before any training, by creating and removing a probe folder in it)."""
-        self.directory = Path(directory)
+        self.directory = Path(directory).absolute()  # Orbax's tensorstore writes refuse relative paths
         # Step folders are created on the calling thread. When Orbax creates them in a background thread
         # and that fails, its other save threads wait 300 s for the folder's signal and hold up the
         # process's exit; created here, a failure raises from `save` and leaves no thread waiting.
@@ -204,8 +204,9 @@ def check_params_fit(saved: Any, target: Any, where: str) -> None:
 
 
 def step_dir(path: str | Path) -> Path:
-    """A step folder from a workdir, its checkpoints/ folder or a step folder (the latest step wins)."""
-    p = Path(path)
+    """A step folder (absolute: Orbax refuses relative paths) from a workdir, its checkpoints/ folder or a step
+    folder (the latest step wins)."""
+    p = Path(path).absolute()
     if (p / "params").is_dir():
         return p
     root = p / CHECKPOINT_SUBDIR if (p / CHECKPOINT_SUBDIR).is_dir() else p
