@@ -69,6 +69,9 @@ FLAGS: dict[str, Flag] = {
                                "token limit)", ON_OFF),
     "guess_first_block": Flag("pregated/speculative: start copying the experts the decoder's first MoE block used "
                               "at the previous step before its gate runs (same tokens)", ON_OFF),
+    "guess_staging": Flag("with --guess_first_block on and the native copies: the guess's copy lands in buffers "
+                          "the native library owns and stays in flight across the step boundary (same tokens)",
+                          ON_OFF),
     "prefill_routed_only": Flag("calls that need most experts of a block (prefill) copy only the routed experts "
                                 "(on) or whole blocks (off)", ON_OFF),
     "copy_method": Flag("how routed experts are copied: dma (native copy-engine transfers that overlap "

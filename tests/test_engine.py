@@ -234,6 +234,34 @@ def test_no_table_in_flight_is_read_before_its_wait(routing, steps_per_call):
     assert early_table_readers(hlo) == []
 
 
+@pytest.mark.parametrize("steps_per_call", [1, 4])
+def test_staged_guess_crosses_the_step_in_flight_and_after_its_collection(steps_per_call):
+    """With guess_staging, the compiled decode step starts the next step's guess with a staged start (no
+    table of XLA's in flight) that takes the collected incoming guess as an operand: the staging area is
+    reused only once its rows were copied out. The step collects one staged guess and starts one."""
+    cfg = get_preset("tiny", routing="pregated", num_experts=8, expert_capacity=6)
+    engine = InferenceEngine(SwitchTransformer(cfg, rngs=nnx.Rngs(0)), copy_method="dma", mode="pregated",
+                             decode_steps_per_call=steps_per_call, guess_first_block=True, guess_staging=True)
+    hlo = _compiled_decode_step(engine)
+    (start, start_ops), = _custom_calls(hlo, "pgj_stage_start")
+    (done, _), = _custom_calls(hlo, "pgj_stage_done")
+    # the done's results (its tuple's elements) are operands of the start
+    done_outputs = set(re.findall(r"%(\S+) = \S+ get-tuple-element\(%" + re.escape(done) + r"\), index=\d+", hlo))
+    assert done_outputs & set(start_ops), (start_ops, done_outputs)
+    assert early_table_readers(hlo) == []
+
+
+def test_guess_staging_needs_the_guess_and_the_native_copies():
+    with pytest.raises(ValueError, match="needs guess_first_block=True"):
+        EngineConfig(guess_staging=True)
+    with pytest.raises(ValueError, match="needs the native copies.*copy_method='xla'"):
+        EngineConfig(guess_first_block=True, guess_staging=True, copy_method="xla")
+    cfg = get_preset("tiny", routing="pregated", num_experts=8, expert_capacity=6)
+    if jax.devices()[0].platform == "cpu":  # "auto" resolves to XLA's copies off the GPU
+        with pytest.raises(ValueError, match="resolved to 'xla'"):
+            InferenceEngine(SwitchTransformer(cfg, rngs=nnx.Rngs(0)), guess_first_block=True, guess_staging=True)
+
+
 @pytest.mark.parametrize("routing", ["pregated", "conventional"])
 def test_dma_first_block_fetch_is_queued_before_the_next_prefetch(routing):
     """In the fused decode step, the first MoE block has no prefetch: its own fetch must reach the copy stream
@@ -298,10 +326,12 @@ def test_first_block_guess_statistics_match_a_replay_of_the_routing():
     hits = sum(len(n & p) for n, p in zip(needed, previous))
     wasted = sum(len(p - n) for n, p in zip(needed, previous))
     assert 0 < hits < sum(map(len, needed))  # the replay has hits and misses
-    for kw in (dict(), dict(copy_method="dma"), dict(decode_steps_per_call=1), dict(fused=False)):
-        fused = kw.pop("fused", True)
-        res = run(InferenceEngine(model, mode="pregated", guess_first_block=True, **kw), max_new_tokens=steps,
-                  fused=fused)
+    staged = dict(copy_method="dma", guess_staging=True)
+    for kw in (dict(), dict(copy_method="dma"), dict(decode_steps_per_call=1), dict(fused=False), staged,
+               dict(staged, decode_steps_per_call=1), dict(staged, fused=False)):
+        fused, staging = kw.pop("fused", True), kw.pop("guess_staging", False)
+        res = run(InferenceEngine(model, mode="pregated", guess_first_block=True, guess_staging=staging, **kw),
+                  max_new_tokens=steps, fused=fused)
         np.testing.assert_array_equal(res.tokens, ref, err_msg=str(kw))
         s = res.stats
         assert (s.speculative_hits, s.speculative_needed, s.speculative_wasted) == (
@@ -313,13 +343,13 @@ def test_first_block_guess_statistics_match_a_replay_of_the_routing():
         assert s.as_dict()["decode_bytes_needed"] == off.as_dict()["decode_bytes_moved"], kw
 
 
-@pytest.mark.parametrize("guess", [False, True])
+@pytest.mark.parametrize("guess", [False, True, "staged"])
 def test_dma_fused_step_equals_block_by_block_dispatch(model, guess):
     """With copy_method="dma", the fused decode step (start/done inside one jit) and the per-block path
-    (eager start and donated finish) agree on tokens and counters, with and without the first block's guess,
-    and give the reference beams."""
+    (eager start and donated finish) agree on tokens and counters, with and without the first block's guess
+    (landed within its step, or staged across steps), and give the reference beams."""
     mode = "speculative" if model.config.routing == "conventional" else "pregated"
-    kw = dict(copy_method="dma", guess_first_block=guess)
+    kw = dict(copy_method="dma", guess_first_block=bool(guess), guess_staging=guess == "staged")
     fused = run(InferenceEngine(model, mode=mode, **kw), max_new_tokens=5, num_beams=3)
     eager = run(InferenceEngine(model, mode=mode, **kw), max_new_tokens=5, num_beams=3, fused=False)
     np.testing.assert_array_equal(fused.tokens, naive_beams(model))
@@ -474,7 +504,7 @@ def test_first_decode_dispatch_is_queued_before_the_host_waits_for_the_prefill(f
     np.testing.assert_array_equal(res.tokens, other.tokens)
 
 
-@pytest.mark.parametrize("copy_method", ["xla", "dma"])
+@pytest.mark.parametrize("copy_method", ["xla", "dma", "dma-staged"])
 def test_guess_started_for_a_step_that_never_ran_counts_as_wasted(copy_method):
     """EOS at the first token, several steps per dispatch: the one step that runs starts the next step's guess
     (its first block's expert), which no block reads. Its copy is counted as moved and wasted, so the bytes
@@ -483,9 +513,10 @@ def test_guess_started_for_a_step_that_never_ran_counts_as_wasted(copy_method):
     first = run(InferenceEngine(SwitchTransformer(base, rngs=nnx.Rngs(0)), mode="pregated"), max_new_tokens=1)
     model = SwitchTransformer(base.replace(eos_token_id=int(first.tokens[0, 0])), rngs=nnx.Rngs(0))
     stats = {}
+    method, staged = copy_method.split("-")[0], copy_method.endswith("staged")
     for guess in (True, False):
         engine = InferenceEngine(model, mode="pregated", decode_steps_per_call=4, guess_first_block=guess,
-                                 copy_method=copy_method)
+                                 guess_staging=guess and staged, copy_method=method)
         with jax.transfer_guard("disallow"):
             stats[guess] = engine.generate(IDS[:1], MASK[:1], max_new_tokens=9).stats
     on, off = stats[True], stats[False]

@@ -13,8 +13,8 @@ from pregated_jax.engine_cli import (FLAGS, GIB, add_engine_flags, engine_config
 # a value other than the default for every field, as a command line gives it
 NON_DEFAULT = dict(mode="on-demand", cache_policy="lfu", cache_experts=5, device_budget_bytes=3 * GIB // 2,
                    prefill_chunk=4, check_every=3, decode_steps_per_call=16, stop_when_finished=False,
-                   guess_first_block=True, prefill_routed_only=False, copy_method="xla", expert_dtype="int4",
-                   expert_group_size=64, record_routing=True)
+                   guess_first_block=True, guess_staging=True, prefill_routed_only=False, copy_method="dma",
+                   expert_dtype="int4", expert_group_size=64, record_routing=True)
 
 
 def _parser(**kw) -> argparse.ArgumentParser:

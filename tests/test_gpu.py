@@ -106,6 +106,19 @@ def test_every_mode_gives_gpu_only_tokens(models, references, routing, mode, cop
             assert (res.stats.speculative_needed is not None) == guessed, (batch, beams)
 
 
+@pytest.mark.parametrize("routing,mode", [("pregated", "pregated"), ("conventional", "speculative")])
+def test_staged_guess_gives_gpu_only_tokens(models, references, routing, mode):
+    """The first-block guess staged across steps (`guess_staging`): its copies stay in flight over the step
+    boundary in the native library's buffers; every batch and beam shape, one and many steps per dispatch."""
+    for per_call in (1, 64):
+        engine = pj.InferenceEngine(models[routing], mode=mode, copy_method="dma", guess_first_block=True,
+                                    guess_staging=True, decode_steps_per_call=per_call)
+        for shape, res in generate_all(engine).items():
+            np.testing.assert_array_equal(res.tokens, references[routing][shape], err_msg=str((shape, per_call)))
+            if 2 * shape[0] * shape[1] < E:  # the steps guessed
+                assert res.stats.speculative_needed is not None, shape
+
+
 @pytest.mark.parametrize("routing,mode,want", [
     pytest.param("pregated", "on-demand", "dma", id="on-demand"),
     pytest.param("pregated", "pregated", "dma", id="pregated"),

@@ -99,6 +99,67 @@ def test_out_of_range_id_names_the_id_slot_and_range(stacks, ids, slot, bad):
                                   reference(stacks[2][0], [1, 2]).astype(np.float32))
 
 
+@pytest.mark.parametrize("ids", [[-1, 0, 1, 2, 5, -1, 7, -1], [3, 3, 3, 4, 4, -1, -1, 2], [-1, -1, -1], [5]])
+def test_staged_fetch_equals_numpy_indexing(stacks, ids):
+    """The staged pair: rows land in the library's staging buffers and the done copies them out."""
+    _, host_stacks, (a, b) = stacks
+    key = native.new_staging_key()
+
+    @jax.jit
+    def f(ids):
+        token = native.stage_start(ids, list(host_stacks), key)
+        return native.stage_done(ids, token, list(host_stacks), key)
+
+    got_a, got_b = f(jnp.asarray(ids, jnp.int32))
+    assert got_a.shape == (len(ids), 3, 4) and got_a.dtype == jnp.bfloat16 and got_b.shape == (len(ids), 4, 2)
+    np.testing.assert_array_equal(np.asarray(got_a).astype(np.float32), reference(a, ids).astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(got_b), reference(b, ids))
+
+
+def test_staged_fetch_crosses_a_loop_iteration(stacks):
+    """The use the staging is for: each iteration of a loop collects the fetch the previous one started
+    (only ids and the token cross the carry) and starts the next, ordered after its own done; the rows
+    collected at iteration i are those started at i - 1. The area is reused once per iteration."""
+    _, (_, sb), (_, b) = stacks
+    key = native.new_staging_key()
+    schedule = jnp.asarray([[1, 2], [7, -1], [-1, -1], [0, 6], [4, 5]], jnp.int32)  # ids started at each step
+
+    @jax.jit
+    def run(schedule):
+        def body(carry, ids_next):
+            ids, token = carry
+            (table,) = native.stage_done(ids, token, [sb], key)
+            return (ids_next, native.stage_start(ids_next, [sb], key, table)), table
+
+        first = schedule[0]
+        carry, tables = jax.lax.scan(body, (first, native.stage_start(first, [sb], key)), schedule[1:])
+        ids, token = carry
+        return tables, native.stage_done(ids, token, [sb], key)[0]
+
+    tables, last = run(schedule)
+    for i, ids in enumerate(np.asarray(schedule)[:-1]):
+        np.testing.assert_array_equal(np.asarray(tables[i]), reference(b, ids))
+    np.testing.assert_array_equal(np.asarray(last), reference(b, np.asarray(schedule)[-1]))
+
+
+def test_staged_fetch_rejects_bad_ids_and_results(stacks):
+    _, (_, sb), _ = stacks
+    key = native.new_staging_key()
+
+    @jax.jit
+    def f(ids):
+        return native.stage_done(ids, native.stage_start(ids, [sb], key), [sb], key)[0]
+
+    with pytest.raises((ValueError, jax.errors.JaxRuntimeError, RuntimeError),
+                       match=rf"expert id 9 at slot 1 is out of range \[0, {E}\)"):
+        jax.block_until_ready(f(jnp.asarray([1, 9], jnp.int32)))
+        assert jax.devices()[0].platform == "gpu", "the failing call did not raise"
+        native.check_device_wait()
+    with pytest.raises(ValueError, match="same number of rows"):
+        other = jax.device_put(jnp.zeros((E - 3, 4, 2), jnp.float32), Memories.for_device().on_host)
+        native.stage_start(jnp.zeros((2,), jnp.int32), [sb, native.HostStack.of(other)], key)
+
+
 def test_stacks_with_different_numbers_of_rows_are_rejected(stacks):
     _, (sa, _), _ = stacks
     other = jax.device_put(jnp.zeros((E - 3, 4, 2), jnp.float32), Memories.for_device().on_host)

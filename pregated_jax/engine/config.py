@@ -38,6 +38,11 @@ class EngineConfig:
       of the decoder's first MoE block, which no earlier block pre-gates: the ones it used at the previous
       step (`pregated_jax.engine.guess`). Outputs do not change. Off by default: the guess's copy must land
       within the step that starts it, and there it costs more than it saves (docs/design.md).
+    guess_staging: with guess_first_block and the native copies (copy_method "dma"): the guess's copy lands in
+      buffers the native library owns (one more expert table per engine and batch size, outside XLA's
+      memory), so it stays in flight across the step boundary and the next step's first MoE block waits for
+      it; without it the copy must land within its step. Outputs do not change. Off by default: not yet timed
+      on a GPU (docs/design.md).
     prefill_routed_only: calls that need most experts of a block (prefill) copy only the routed ones
       (default), or, if False, whole blocks as contiguous ranges (fewer, larger copies, more bytes).
       Budgeted calls without a cache always stream whole blocks in chunks.
@@ -69,6 +74,7 @@ class EngineConfig:
     decode_steps_per_call: int = 64
     stop_when_finished: bool = True
     guess_first_block: bool = False
+    guess_staging: bool = False
     prefill_routed_only: bool = True
     copy_method: str = "auto"
     expert_dtype: str = "bfloat16"
@@ -90,6 +96,11 @@ class EngineConfig:
                              f"{self.cache_experts}")
         if self.device_budget_bytes is not None and self.device_budget_bytes < 0:
             raise ValueError(f"device_budget_bytes must be >= 0 (or None: unbounded), got {self.device_budget_bytes}")
+        if self.guess_staging and not self.guess_first_block:
+            raise ValueError("guess_staging stages the first-block guess's copies: it needs guess_first_block=True")
+        if self.guess_staging and self.copy_method == "xla":
+            raise ValueError("guess_staging needs the native copies (copy_method 'dma' or 'auto' on a GPU), "
+                             "got copy_method='xla'")
         check_format(self.expert_dtype)
         check_group_size(self.expert_group_size)
         if self.cache_policy is not None and self.mode in ("gpu-only", "prefetch-all"):

@@ -115,7 +115,8 @@ class InferenceEngine:
                              f"an MoE block: allowed 1 to {self.num_experts} slots per block")
         # slot tables of one call on the device at once (`tables_exceed_budget`), the least budget the mode needs
         guesses = config.guess_first_block and config.mode in ("pregated", "speculative")
-        self.tables = ROUTED_TABLES.get(config.mode, 0) + (1 if guesses else 0)
+        # a staged guess also holds its rows in the native library's staging buffers
+        self.tables = ROUTED_TABLES.get(config.mode, 0) + (1 + config.guess_staging if guesses else 0)
         self.min_budget_bytes = self._min_budget_bytes()
         self._check_budget()
         self.cache_slots = self._cache_slots()
@@ -123,6 +124,11 @@ class InferenceEngine:
         self.copy_method = self._copy_method()
         self.miss_copy_method = ("xla" if config.copy_method == "auto" and config.mode == "speculative"
                                  else self.copy_method)
+        if config.guess_staging and self.copy_method != "dma":
+            raise ValueError(f"guess_staging needs the native copies, but copy_method={config.copy_method!r} "
+                             f"resolved to {self.copy_method!r} here (no GPU, or the native library is unavailable)")
+        # the staged guess's staging area: one per engine (its generations run one at a time)
+        self.guess_staging_key = native.new_staging_key() if config.guess_staging else None
         self.chunk = self._prefill_chunk()
         self._check_chunk_budget()
         # whether calls that need most experts of a block (prefill) copy only the routed ones, into a fresh
@@ -483,11 +489,12 @@ class InferenceEngine:
                 or self.cache_slots is not None or 2 * k >= self.num_experts or not dec.moe_blocks
                 or self.tables_exceed_budget(k)):
             return None
-        return G.first(F.CopyQueue(self.mem.on_device), self.copy_method, dec.blocks[dec.moe_blocks[0]], k)
+        return G.first(F.CopyQueue(self.mem.on_device), self.copy_method, dec.blocks[dec.moe_blocks[0]], k,
+                       staging=self.guess_staging_key)
 
-    @staticmethod
-    def _step_guess(incoming: F.PendingSlots | None, search) -> G.StepGuess | None:
-        return None if incoming is None else G.StepGuess(incoming, search.step, search.tokens.shape[-1])
+    def _step_guess(self, incoming: F.PendingSlots | None, search) -> G.StepGuess | None:
+        return None if incoming is None else G.StepGuess(incoming, search.step, search.tokens.shape[-1],
+                                                         staging=self.guess_staging_key)
 
 
 def _gib(n: int) -> str:

@@ -18,7 +18,9 @@ take one host stack per leaf.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -122,16 +124,30 @@ def _copy_valid_slots(host_wi, host_wo, ids, device):
 
 # --- the two copy methods behind one interface ------------------------------------------------------
 
+@dataclasses.dataclass(frozen=True)
+class Staging:
+    """Where a staged "dma" fetch lands: the native library's staging area `key` (`native.stage_start`),
+    for a block's host stacks (`stacks`, one per leaf of (wi, wo), regrouped by `layout`)."""
+
+    key: int
+    stacks: tuple
+    layout: Any
+
+
 @struct.dataclass
 class PendingSlots:
     """A slot table on its way to the device: read it only through `CopyQueue.finish` / `finish_fetch`.
 
     token: for "dma", a scalar produced by the start; a later start or finish that takes it as an operand
     is ordered after this start. None for "xla", whose tables are ordinary values.
+    staging: for a staged fetch, where its rows land; its `slots` then hold only the ids (wi, wo None) until
+    the finish copies the rows out. Nothing in flight is an XLA buffer, so it may cross a loop iteration or a
+    dispatch.
     """
 
     slots: ExpertSlots
     token: Array | None = None
+    staging: Staging | None = struct.field(pytree_node=False, default=None)
 
 
 class CopyQueue:
@@ -166,14 +182,21 @@ class CopyQueue:
         pending, copied = _dma_start(block.host_stacks, _layout(block), decision, k, exclude, self._behind())
         return self._record(pending), copied
 
-    def start_ids(self, method: str, block, ids: Array):
+    def start_ids(self, method: str, block, ids: Array, *, staging: int | None = None, after: tuple = ()):
         """Starts copying experts `ids` [k] (-1: an empty slot), chosen before the block's gate runs.
+
+        staging ("dma" only): a `native.new_staging_key()`; the rows land in that staging area (see
+        `PendingSlots`), and `after` must hold a value the area's last finish produced.
         -> (PendingSlots, experts copied)."""
         if method == "xla":
             slots, copied = fetch_ids(block.host_wi, block.host_wo, ids, self.device)
             return self._record(PendingSlots(slots)), copied
         _check_method(method)
-        pending, copied = _dma_start_ids(block.host_stacks, _layout(block), ids, self._behind())
+        if staging is not None:
+            where = Staging(staging, tuple(block.host_stacks), _layout(block))
+            pending, copied = _stage_start_ids(where, ids, (*self._behind(), *after))
+        else:
+            pending, copied = _dma_start_ids(block.host_stacks, _layout(block), ids, self._behind())
         return self._record(pending), copied
 
     def finish(self, pending: PendingSlots, *after) -> ExpertSlots:
@@ -224,13 +247,32 @@ def _dma_start_ids(stacks, layout, ids, after):
     return PendingSlots(ExpertSlots(wi, wo, ids), token), jnp.sum(ids >= 0).astype(jnp.int32)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _stage_start_ids(where: Staging, ids, after):
+    token = native.stage_start(ids, list(where.stacks), where.key, *after)
+    return (PendingSlots(ExpertSlots(None, None, ids), token, where),  # the rows are in the staging area
+            jnp.sum(ids >= 0).astype(jnp.int32))
+
+
 def finish_fetch(pending: PendingSlots, *after) -> ExpertSlots:
     """The table, safe to read. `after` (inside a traced step): values the wait must come after."""
+    if pending.staging is not None:
+        return _stage_done(pending, *after) if _traced(pending.token) else _stage_finish(pending)
     if pending.token is None:
         return pending.slots
     if _traced(pending.token):
         return _dma_done(pending, *after)
     return _dma_finish(pending)
+
+
+def _stage_done(pending: PendingSlots, *after) -> ExpertSlots:
+    where, ids = pending.staging, pending.slots.expert_ids
+    tables = native.stage_done(ids, pending.token, list(where.stacks), where.key, *after)
+    wi, wo = jax.tree.unflatten(where.layout, tables)
+    return ExpertSlots(wi, wo, ids)
+
+
+_stage_finish = jax.jit(_stage_done)
 
 
 def _dma_done(pending, *after):

@@ -52,8 +52,7 @@ class Predicted:
 
 @dataclasses.dataclass(frozen=True)
 class Guessed:
-    guess: PendingSlots
-    missed: PendingSlots
+    missed: PendingSlots  # the guess itself is the run's (`guess.StepGuess.take`)
 
 
 @dataclasses.dataclass(frozen=True)

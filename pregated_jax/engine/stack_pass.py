@@ -145,8 +145,8 @@ class StackPass:
                 slots = queue.finish(pending, x)
                 run.add_speculation(F.overlap(self._needed(decision), slots.expert_ids))
                 slots = F.merge_slots(slots, self._copy_missed(b, decision, slots.expert_ids))
-            case S.Guessed(guess, missed):
-                guessed = queue.finish(guess, x)
+            case S.Guessed(missed):
+                guessed = run.guess.take(queue, x)
                 run.add_speculation(F.overlap(self._needed(decision), guessed.expert_ids))
                 slots = F.merge_slots(guessed, queue.finish(missed, x))
             case S.Cached(ahead, exact) if exact:  # the lookup for this very decision already ran

@@ -8,6 +8,11 @@ when present, CUDA, and wraps the calls:
     tables, token = fetch_start(ids, [HostStack, ...], *after)  # ids [k] int32 on the device, -1 = empty
     tables = fetch_done(tables, ids, token, *after)             # the tables, ready to read
 
+and the staged pair, whose copies land in buffers the library owns until the done copies them out:
+
+    token = stage_start(ids, [HostStack, ...], staging, *after)
+    tables = stage_done(ids, token, [HostStack, ...], staging, *after)
+
 `python -m pregated_jax.native` builds and reports where the library is.
 """
 
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import os
 import subprocess
 import sys
@@ -109,7 +115,8 @@ def load() -> None:
     try:
         path = build()
         lib = ctypes.cdll.LoadLibrary(str(path))
-        for name, symbol in (("pgj_fetch_start", "PgjFetchStart"), ("pgj_fetch_done", "PgjFetchDone")):
+        for name, symbol in (("pgj_fetch_start", "PgjFetchStart"), ("pgj_fetch_done", "PgjFetchDone"),
+                             ("pgj_stage_start", "PgjStageStart"), ("pgj_stage_done", "PgjStageDone")):
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol + "Cpu")), platform="cpu")
             if _has_cuda():
                 jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol + "Cuda")),
@@ -209,6 +216,46 @@ def fetch_done(tables: list, ids: jax.Array, token: jax.Array, *after):
     aliases = {i: i for i in range(len(tables))}  # the tables pass through in place
     call = jax.ffi.ffi_call("pgj_fetch_done", shapes, input_output_aliases=aliases)
     return list(call(*tables, ids.astype(jnp.int32), token, *after))
+
+
+_STAGING_KEYS = itertools.count(1)
+
+
+def new_staging_key() -> int:
+    """A staging key no other caller in this process has: one per sequence of staged fetches (one in flight
+    at a time). Each (key, k, row sizes) names buffers the library allocates on first use and keeps for the
+    life of the process."""
+    return next(_STAGING_KEYS)
+
+
+def stage_start(ids: jax.Array, stacks: list[HostStack], staging: int, *after) -> jax.Array:
+    """Starts copying rows `ids` [k] of each stack into staging area `staging` -> token [].
+
+    Inside jit. Nothing XLA owns is written: the copy may stay in flight across a loop iteration or a
+    dispatch (XLA copies loop carries and donated buffers where it likes; a table written behind its back
+    must not cross one). `stage_done` with the same ids, stacks and key collects the rows. The area holds
+    one staged fetch: a later start on the key must take something the last `stage_done` produced as `after`.
+    """
+    load()
+    num_rows = {s.num_rows for s in stacks}
+    if len(num_rows) != 1:
+        raise ValueError(f"stacks fetched together must have the same number of rows, got {num_rows}")
+    return jax.ffi.ffi_call("pgj_stage_start", jax.ShapeDtypeStruct((), jnp.int32))(
+        ids.astype(jnp.int32), *after, srcs=np.array([s.address for s in stacks], np.int64),
+        row_bytes=np.array([s.row_bytes for s in stacks], np.int64), num_rows=np.int64(num_rows.pop()),
+        staging=np.int64(staging))
+
+
+def stage_done(ids: jax.Array, token: jax.Array, stacks: list[HostStack], staging: int, *after) -> list:
+    """-> tables [k, *row_shape] per stack, the staged rows once their copies have landed (rows of ids < 0
+    zeroed); `ids`, `token`, `stacks` and `staging` are the start's. On a GPU a kernel waits for the copies
+    as in `fetch_done`, then the rows are copied device to device on the compute stream."""
+    load()
+    k = ids.shape[0]
+    shapes = [jax.ShapeDtypeStruct((k,) + s.row_shape, s.dtype) for s in stacks]
+    return list(jax.ffi.ffi_call("pgj_stage_done", shapes)(
+        ids.astype(jnp.int32), token, *after, row_bytes=np.array([s.row_bytes for s in stacks], np.int64),
+        staging=np.int64(staging)))
 
 
 def check_device_wait() -> None:

@@ -12,6 +12,20 @@
 //
 // Row i of every out_t receives row ids[i] of stack t, or zeros where ids[i] < 0.
 //
+// A staged pair lands the rows in buffers this library owns instead of XLA's (for a copy that crosses a
+// step boundary, where XLA may copy a loop carry or a donated buffer at any time: docs/design.md):
+//
+//   pgj_stage_start(ids s32[k], *after) -> token s32[]
+//     attrs: srcs, row_bytes, num_rows (as pgj_fetch_start), staging (int64, a key chosen by the caller)
+//   pgj_stage_done(ids s32[k], token s32[], *after) -> (out_0 [k, ...], ..., out_{n-1} [k, ...])
+//     attrs: row_bytes, staging (the start's)
+//
+// The start copies into staging area (staging, k, row_bytes): n buffers of k rows, allocated on first use
+// and kept for the life of the process (compiled programs hold their addresses). The done waits as
+// pgj_fetch_done does (zeroing the staged rows of ids < 0), then copies the staged rows into its results
+// on the compute stream. A staging area holds one staged fetch at a time: the caller orders the next
+// start on a key after the done of the last (an `after` operand on the done's results).
+//
 // On a CUDA device each call only launches a kernel (expert_copy_kernels.cu) on XLA's compute stream, so
 // the calls are command-buffer compatible: XLA may record them into CUDA graphs, and the thread that
 // launches the program never waits for the GPU. The start's kernel posts a request (its sequence number,
@@ -187,6 +201,97 @@ ffi::Error DoneCpu(ffi::RemainingArgs args, ffi::RemainingRets rets) {
     if (in->untyped_data() != (*out)->untyped_data()) {
       std::memcpy((*out)->untyped_data(), in->untyped_data(), in->size_bytes());
     }
+  }
+  return ffi::Error::Success();
+}
+
+// Staging areas: a key and the size of every buffer name one area.
+struct StagingKey {
+  int64_t key;
+  std::vector<size_t> bytes;
+  bool operator==(const StagingKey& o) const { return key == o.key && bytes == o.bytes; }
+};
+
+struct StagingKeyHash {
+  size_t operator()(const StagingKey& k) const {
+    size_t h = std::hash<int64_t>()(k.key);
+    for (size_t b : k.bytes) h = h * 1000003u ^ std::hash<size_t>()(b);
+    return h;
+  }
+};
+
+ffi::ErrorOr<StagingKey> MakeStagingKey(const char* call, size_t k, int64_t staging,
+                                        ffi::Span<const int64_t> row_bytes) {
+  if (row_bytes.size() == 0) {
+    return ffi::Unexpected(ffi::Error::InvalidArgument(std::string(call) + ": no tables (row_bytes is empty)"));
+  }
+  StagingKey key{staging, {}};
+  for (int64_t row : row_bytes) key.bytes.push_back(k * static_cast<size_t>(row));
+  return key;
+}
+
+ffi::Error CheckResults(const char* call, ffi::RemainingRets& rets, const StagingKey& key) {
+  if (rets.size() != key.bytes.size()) {
+    return ffi::Error::InvalidArgument(std::string(call) + ": " + std::to_string(rets.size()) + " results for " +
+                                       std::to_string(key.bytes.size()) + " row sizes");
+  }
+  for (size_t t = 0; t < rets.size(); ++t) {
+    auto out = rets.get<ffi::AnyBuffer>(t);
+    if (!out.has_value()) return out.error();
+    if ((*out)->size_bytes() != key.bytes[t]) {
+      return ffi::Error::InvalidArgument(std::string(call) + ": result " + std::to_string(t) + " holds " +
+                                         std::to_string((*out)->size_bytes()) + " bytes, expected " +
+                                         std::to_string(key.bytes[t]));
+    }
+  }
+  return ffi::Error::Success();
+}
+
+// On the CPU: host buffers, created on first use.
+std::vector<std::vector<char>>& CpuStaging(const StagingKey& key) {
+  static auto* mu = new std::mutex();
+  static auto* areas = new std::unordered_map<StagingKey, std::vector<std::vector<char>>, StagingKeyHash>();
+  std::lock_guard<std::mutex> lock(*mu);
+  auto& area = (*areas)[key];
+  if (area.empty()) {
+    for (size_t b : key.bytes) area.emplace_back(b);
+  }
+  return area;
+}
+
+ffi::Error StageStartCpu(ffi::Buffer<ffi::S32> ids, ffi::RemainingArgs /*after*/,
+                         ffi::Result<ffi::Buffer<ffi::S32>> token, ffi::Span<const int64_t> srcs,
+                         ffi::Span<const int64_t> row_bytes, int64_t num_rows, int64_t staging) {
+  const size_t k = ids.element_count();
+  if (srcs.size() != row_bytes.size()) {
+    return ffi::Error::InvalidArgument("pgj_stage_start: " + std::to_string(srcs.size()) + " sources and " +
+                                       std::to_string(row_bytes.size()) + " row sizes");
+  }
+  auto key = MakeStagingKey("pgj_stage_start", k, staging, row_bytes);
+  if (!key.has_value()) return key.error();
+  const int32_t* id = ids.typed_data();
+  if (auto err = CheckIds(id, k, num_rows); err.failure()) return err;
+  auto& area = CpuStaging(*key);
+  for (size_t t = 0; t < srcs.size(); ++t) {
+    const char* src = reinterpret_cast<const char*>(srcs[t]);
+    const size_t row = static_cast<size_t>(row_bytes[t]);
+    char* dst = area[t].data();
+    ForEachRun(
+        id, k, [&](size_t slot, size_t e, size_t n) { std::memcpy(dst + slot * row, src + e * row, n * row); },
+        [&](size_t slot, size_t n) { std::memset(dst + slot * row, 0, n * row); });
+  }
+  *token->typed_data() = 0;
+  return ffi::Error::Success();
+}
+
+ffi::Error StageDoneCpu(ffi::Buffer<ffi::S32> ids, ffi::Buffer<ffi::S32> /*token*/, ffi::RemainingArgs /*after*/,
+                        ffi::RemainingRets rets, ffi::Span<const int64_t> row_bytes, int64_t staging) {
+  auto key = MakeStagingKey("pgj_stage_done", ids.element_count(), staging, row_bytes);
+  if (!key.has_value()) return key.error();
+  if (auto err = CheckResults("pgj_stage_done", rets, *key); err.failure()) return err;
+  auto& area = CpuStaging(*key);
+  for (size_t t = 0; t < rets.size(); ++t) {
+    std::memcpy((*rets.get<ffi::AnyBuffer>(t))->untyped_data(), area[t].data(), key->bytes[t]);
   }
   return ffi::Error::Success();
 }
@@ -379,6 +484,31 @@ class Channel {
     return ffi::Error::Success();
   }
 
+  // The device buffers of staging area `key`, allocated on first use (on a thread of their own, as in `Of`:
+  // the calling thread may be recording a CUDA graph). Never freed: compiled programs hold their addresses.
+  ffi::ErrorOr<std::vector<CUdeviceptr>> Staging(const StagingKey& key) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = staging_.find(key);
+    if (it != staging_.end()) return it->second;
+    std::vector<CUdeviceptr> buffers(key.bytes.size(), 0);
+    std::string error;
+    std::thread([&] {
+      Driver& cu = Driver::Get();
+      if (CUresult r = cu.ctx_set_current(ctx_)) {
+        error = CudaMessage(r, "cuCtxSetCurrent");
+        return;
+      }
+      for (size_t t = 0; t < buffers.size() && error.empty(); ++t) {
+        if (CUresult r = cu.mem_alloc(&buffers[t], std::max<size_t>(key.bytes[t], 1))) {
+          error = CudaMessage(r, "cuMemAlloc (a staging buffer of " + std::to_string(key.bytes[t]) + " bytes)");
+        }
+      }
+    }).join();
+    if (!error.empty()) return ffi::Unexpected(ffi::Error::Internal(error));  // what was allocated leaks: rare
+    staging_[key] = buffers;
+    return buffers;
+  }
+
   // A recorded failure ("" if none), cleared: the next one is reported afresh.
   std::string TakeFault() {
     std::lock_guard<std::mutex> lock(mu_);
@@ -407,6 +537,7 @@ class Channel {
   }
 
   std::string Init(CUcontext ctx) {
+    ctx_ = ctx;
     Driver& cu = Driver::Get();
     if (CUresult r = cu.ctx_set_current(ctx)) return CudaMessage(r, "cuCtxSetCurrent");
     void *ring = nullptr, *marks = nullptr, *fault = nullptr;
@@ -550,6 +681,8 @@ class Channel {
   }
 
   std::mutex mu_;
+  CUcontext ctx_ = nullptr;
+  std::unordered_map<StagingKey, std::vector<CUdeviceptr>, StagingKeyHash> staging_;  // device buffers per area
   std::string worker_error_;  // the first failure the worker met since the last TakeFault
   CUstream copy_stream_ = nullptr;
   CUdeviceptr counter_ = 0;   // device uint32: the number of the last request whose copies landed
@@ -634,6 +767,66 @@ ffi::Error DoneCuda(void* stream, ffi::RemainingArgs args, ffi::RemainingRets re
   return ffi::Error::Success();
 }
 
+ffi::Error StageStartCuda(void* stream, ffi::Buffer<ffi::S32> ids, ffi::RemainingArgs /*after*/,
+                          ffi::Result<ffi::Buffer<ffi::S32>> token, ffi::Span<const int64_t> srcs,
+                          ffi::Span<const int64_t> row_bytes, int64_t num_rows, int64_t staging) {
+  const size_t k = ids.element_count();
+  if (srcs.size() != row_bytes.size() || k > kMaxIds || srcs.size() > kMaxTables) {
+    return ffi::Error::InvalidArgument("pgj_stage_start: " + std::to_string(srcs.size()) + " sources and " +
+                                       std::to_string(row_bytes.size()) + " row sizes for " + std::to_string(k) +
+                                       " ids (at most " + std::to_string(kMaxTables) + " stacks and " +
+                                       std::to_string(kMaxIds) + " ids on a GPU)");
+  }
+  auto key = MakeStagingKey("pgj_stage_start", k, staging, row_bytes);
+  if (!key.has_value()) return key.error();
+  auto channel = CurrentChannel("pgj_stage_start");
+  if (!channel.has_value()) return channel.error();
+  auto buffers = (*channel)->Staging(*key);
+  if (!buffers.has_value()) return buffers.error();
+  KernelTables src, dst;
+  src.n = dst.n = static_cast<int32_t>(srcs.size());
+  for (size_t t = 0; t < srcs.size(); ++t) {
+    src.ptr[t] = static_cast<uint64_t>(srcs[t]);
+    src.row[t] = dst.row[t] = static_cast<uint64_t>(row_bytes[t]);
+    dst.ptr[t] = static_cast<uint64_t>((*buffers)[t]);
+  }
+  return (*channel)->Post(stream, ids.typed_data(), k, src, dst, num_rows, token->typed_data());
+}
+
+ffi::Error StageDoneCuda(void* stream, ffi::Buffer<ffi::S32> ids, ffi::Buffer<ffi::S32> token,
+                         ffi::RemainingArgs /*after*/, ffi::RemainingRets rets, ffi::Span<const int64_t> row_bytes,
+                         int64_t staging) {
+  const size_t k = ids.element_count();
+  if (row_bytes.size() > kMaxTables) {
+    return ffi::Error::InvalidArgument("pgj_stage_done: at most " + std::to_string(kMaxTables) + " tables, got " +
+                                       std::to_string(row_bytes.size()));
+  }
+  auto key = MakeStagingKey("pgj_stage_done", k, staging, row_bytes);
+  if (!key.has_value()) return key.error();
+  if (auto err = CheckResults("pgj_stage_done", rets, *key); err.failure()) return err;
+  auto channel = CurrentChannel("pgj_stage_done");
+  if (!channel.has_value()) return channel.error();
+  auto buffers = (*channel)->Staging(*key);
+  if (!buffers.has_value()) return buffers.error();
+  KernelTables tables;  // the staged rows: the wait zeroes those of ids < 0
+  tables.n = static_cast<int32_t>(row_bytes.size());
+  for (size_t t = 0; t < row_bytes.size(); ++t) {
+    tables.ptr[t] = static_cast<uint64_t>((*buffers)[t]);
+    tables.row[t] = static_cast<uint64_t>(row_bytes[t]);
+  }
+  if (ffi::Error err = (*channel)->Wait(stream, ids.typed_data(), k, token.typed_data(), tables); err.failure()) {
+    return err;
+  }
+  Driver& cu = Driver::Get();
+  for (size_t t = 0; t < rets.size(); ++t) {  // after the wait, on the same stream
+    auto out = rets.get<ffi::AnyBuffer>(t);
+    if (key->bytes[t] == 0) continue;
+    PGJ_CU(cu.memcpy_dtod(reinterpret_cast<CUdeviceptr>((*out)->untyped_data()), (*buffers)[t], key->bytes[t], stream),
+           "copying a staged table");
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // For Python (ctypes): writes the first failure recorded on any GPU since the last call into buf
@@ -677,4 +870,46 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PgjFetchStartCuda, StartCuda,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PgjFetchDoneCuda, DoneCuda,
                               ffi::Ffi::Bind().Ctx<ffi::PlatformStream<void*>>().RemainingArgs().RemainingRets(),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PgjStageStartCpu, StageStartCpu,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .RemainingArgs()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<ffi::Span<const int64_t>>("srcs")
+                                  .Attr<ffi::Span<const int64_t>>("row_bytes")
+                                  .Attr<int64_t>("num_rows")
+                                  .Attr<int64_t>("staging"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PgjStageDoneCpu, StageDoneCpu,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .RemainingArgs()
+                                  .RemainingRets()
+                                  .Attr<ffi::Span<const int64_t>>("row_bytes")
+                                  .Attr<int64_t>("staging"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PgjStageStartCuda, StageStartCuda,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<void*>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .RemainingArgs()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<ffi::Span<const int64_t>>("srcs")
+                                  .Attr<ffi::Span<const int64_t>>("row_bytes")
+                                  .Attr<int64_t>("num_rows")
+                                  .Attr<int64_t>("staging"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PgjStageDoneCuda, StageDoneCuda,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<void*>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .RemainingArgs()
+                                  .RemainingRets()
+                                  .Attr<ffi::Span<const int64_t>>("row_bytes")
+                                  .Attr<int64_t>("staging"),
                               {ffi::Traits::kCmdBufferCompatible});
