@@ -257,9 +257,13 @@ def test_guess_staging_needs_the_guess_and_the_native_copies():
     with pytest.raises(ValueError, match="needs the native copies.*copy_method='xla'"):
         EngineConfig(guess_first_block=True, guess_staging=True, copy_method="xla")
     cfg = get_preset("tiny", routing="pregated", num_experts=8, expert_capacity=6)
+    model = SwitchTransformer(cfg, rngs=nnx.Rngs(0))
     if jax.devices()[0].platform == "cpu":  # "auto" resolves to XLA's copies off the GPU
         with pytest.raises(ValueError, match="resolved to 'xla'"):
-            InferenceEngine(SwitchTransformer(cfg, rngs=nnx.Rngs(0)), guess_first_block=True, guess_staging=True)
+            InferenceEngine(model, guess_first_block=True, guess_staging=True)
+    # a mode that never guesses ignores the setting (a benchmark sweeps modes with one set of engine flags)
+    gpu_only = InferenceEngine(model, mode="gpu-only", guess_first_block=True, guess_staging=True)
+    assert gpu_only.guess_staging_key is None and gpu_only._first_guess(1) is None
 
 
 @pytest.mark.parametrize("routing", ["pregated", "conventional"])

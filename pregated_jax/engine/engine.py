@@ -124,11 +124,12 @@ class InferenceEngine:
         self.copy_method = self._copy_method()
         self.miss_copy_method = ("xla" if config.copy_method == "auto" and config.mode == "speculative"
                                  else self.copy_method)
-        if config.guess_staging and self.copy_method != "dma":
+        staged = guesses and config.guess_staging  # (modes that never guess ignore both settings)
+        if staged and self.copy_method != "dma":
             raise ValueError(f"guess_staging needs the native copies, but copy_method={config.copy_method!r} "
                              f"resolved to {self.copy_method!r} here (no GPU, or the native library is unavailable)")
         # the staged guess's staging area: one per engine (its generations run one at a time)
-        self.guess_staging_key = native.new_staging_key() if config.guess_staging else None
+        self.guess_staging_key = native.new_staging_key() if staged else None
         self.chunk = self._prefill_chunk()
         self._check_chunk_budget()
         # whether calls that need most experts of a block (prefill) copy only the routed ones, into a fresh
