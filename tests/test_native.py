@@ -158,6 +158,12 @@ def test_staged_fetch_rejects_bad_ids_and_results(stacks):
     with pytest.raises(ValueError, match="same number of rows"):
         other = jax.device_put(jnp.zeros((E - 3, 4, 2), jnp.float32), Memories.for_device().on_host)
         native.stage_start(jnp.zeros((2,), jnp.int32), [sb, native.HostStack.of(other)], key)
+    # a done whose start never ran on that key (or ran with other shapes) is refused, not read as zeros
+    fresh = native.new_staging_key()
+    with pytest.raises((ValueError, jax.errors.JaxRuntimeError),
+                       match=rf"no pgj_stage_start ran on staging key {fresh} with tables of 96 bytes"):
+        ids = jnp.asarray([1, 2, 3], jnp.int32)
+        jax.block_until_ready(jax.jit(lambda i: native.stage_done(i, jnp.int32(0), [sb], fresh))(ids))
 
 
 def test_stacks_with_different_numbers_of_rows_are_rejected(stacks):

@@ -20,8 +20,9 @@
 //   pgj_stage_done(ids s32[k], token s32[], *after) -> (out_0 [k, ...], ..., out_{n-1} [k, ...])
 //     attrs: row_bytes, staging (the start's)
 //
-// The start copies into staging area (staging, k, row_bytes): n buffers of k rows, allocated on first use
-// and kept for the life of the process (compiled programs hold their addresses). The done waits as
+// The start copies into staging area (staging, k, row_bytes): n buffers of k rows, allocated by its first
+// start and kept for the life of the process (compiled programs hold their addresses); a done on an area no
+// start has created is an error. The done waits as
 // pgj_fetch_done does (zeroing the staged rows of ids < 0), then copies the staged rows into its results
 // on the compute stream. A staging area holds one staged fetch at a time: the caller orders the next
 // start on a key after the done of the last (an `after` operand on the done's results).
@@ -141,6 +142,19 @@ void ForEachRun(const int32_t* ids, size_t k, Copy copy, Zero zero) {
 
 // --- CPU ----------------------------------------------------------------------------------------
 
+// Row ids[i] of stack t into row i of dst[t] (zeros where ids[i] < 0), one memcpy per run.
+void CopyRowsCpu(const int32_t* id, size_t k, ffi::Span<const int64_t> srcs, const std::vector<size_t>& rows,
+                 const std::vector<char*>& dsts) {
+  for (size_t t = 0; t < srcs.size(); ++t) {
+    const char* src = reinterpret_cast<const char*>(srcs[t]);
+    const size_t row = rows[t];
+    char* dst = dsts[t];
+    ForEachRun(
+        id, k, [&](size_t slot, size_t e, size_t n) { std::memcpy(dst + slot * row, src + e * row, n * row); },
+        [&](size_t slot, size_t n) { std::memset(dst + slot * row, 0, n * row); });
+  }
+}
+
 ffi::Error StartCpu(ffi::Buffer<ffi::S32> ids, ffi::RemainingArgs /*after*/, ffi::RemainingRets rets,
                     ffi::Span<const int64_t> srcs, ffi::Span<const int64_t> row_bytes, int64_t num_rows) {
   const size_t k = ids.element_count();
@@ -148,14 +162,7 @@ ffi::Error StartCpu(ffi::Buffer<ffi::S32> ids, ffi::RemainingArgs /*after*/, ffi
   if (!plan.has_value()) return plan.error();
   const int32_t* id = ids.typed_data();
   if (auto err = CheckIds(id, k, num_rows); err.failure()) return err;
-  for (size_t t = 0; t < srcs.size(); ++t) {
-    const char* src = reinterpret_cast<const char*>(srcs[t]);
-    const size_t row = plan->rows[t];
-    char* dst = plan->dst[t];
-    ForEachRun(
-        id, k, [&](size_t slot, size_t e, size_t n) { std::memcpy(dst + slot * row, src + e * row, n * row); },
-        [&](size_t slot, size_t n) { std::memset(dst + slot * row, 0, n * row); });
-  }
+  CopyRowsCpu(id, k, srcs, plan->rows, plan->dst);
   std::memset(plan->token, 0, sizeof(int32_t));
   return ffi::Error::Success();
 }
@@ -247,16 +254,26 @@ ffi::Error CheckResults(const char* call, ffi::RemainingRets& rets, const Stagin
   return ffi::Error::Success();
 }
 
-// On the CPU: host buffers, created on first use.
-std::vector<std::vector<char>>& CpuStaging(const StagingKey& key) {
+ffi::Error NoStagedFetch(const StagingKey& key) {
+  std::string sizes;
+  for (size_t b : key.bytes) sizes += (sizes.empty() ? "" : ", ") + std::to_string(b);
+  return ffi::Error::InvalidArgument("pgj_stage_done: no pgj_stage_start ran on staging key " +
+                                     std::to_string(key.key) + " with tables of " + sizes +
+                                     " bytes (a done takes its start's ids, stacks and key)");
+}
+
+// On the CPU: host buffers per area, created by the area's first start (`create`); nullptr if missing.
+std::vector<std::vector<char>>* CpuStaging(const StagingKey& key, bool create) {
   static auto* mu = new std::mutex();
   static auto* areas = new std::unordered_map<StagingKey, std::vector<std::vector<char>>, StagingKeyHash>();
   std::lock_guard<std::mutex> lock(*mu);
-  auto& area = (*areas)[key];
-  if (area.empty()) {
-    for (size_t b : key.bytes) area.emplace_back(b);
+  auto it = areas->find(key);
+  if (it == areas->end()) {
+    if (!create) return nullptr;
+    it = areas->emplace(key, std::vector<std::vector<char>>()).first;
+    for (size_t b : key.bytes) it->second.emplace_back(b);
   }
-  return area;
+  return &it->second;
 }
 
 ffi::Error StageStartCpu(ffi::Buffer<ffi::S32> ids, ffi::RemainingArgs /*after*/,
@@ -271,15 +288,10 @@ ffi::Error StageStartCpu(ffi::Buffer<ffi::S32> ids, ffi::RemainingArgs /*after*/
   if (!key.has_value()) return key.error();
   const int32_t* id = ids.typed_data();
   if (auto err = CheckIds(id, k, num_rows); err.failure()) return err;
-  auto& area = CpuStaging(*key);
-  for (size_t t = 0; t < srcs.size(); ++t) {
-    const char* src = reinterpret_cast<const char*>(srcs[t]);
-    const size_t row = static_cast<size_t>(row_bytes[t]);
-    char* dst = area[t].data();
-    ForEachRun(
-        id, k, [&](size_t slot, size_t e, size_t n) { std::memcpy(dst + slot * row, src + e * row, n * row); },
-        [&](size_t slot, size_t n) { std::memset(dst + slot * row, 0, n * row); });
-  }
+  std::vector<size_t> rows(row_bytes.begin(), row_bytes.end());
+  std::vector<char*> dsts;
+  for (auto& buffer : *CpuStaging(*key, /*create=*/true)) dsts.push_back(buffer.data());
+  CopyRowsCpu(id, k, srcs, rows, dsts);
   *token->typed_data() = 0;
   return ffi::Error::Success();
 }
@@ -289,9 +301,10 @@ ffi::Error StageDoneCpu(ffi::Buffer<ffi::S32> ids, ffi::Buffer<ffi::S32> /*token
   auto key = MakeStagingKey("pgj_stage_done", ids.element_count(), staging, row_bytes);
   if (!key.has_value()) return key.error();
   if (auto err = CheckResults("pgj_stage_done", rets, *key); err.failure()) return err;
-  auto& area = CpuStaging(*key);
+  auto* area = CpuStaging(*key, /*create=*/false);
+  if (area == nullptr) return NoStagedFetch(*key);
   for (size_t t = 0; t < rets.size(); ++t) {
-    std::memcpy((*rets.get<ffi::AnyBuffer>(t))->untyped_data(), area[t].data(), key->bytes[t]);
+    std::memcpy((*rets.get<ffi::AnyBuffer>(t))->untyped_data(), (*area)[t].data(), key->bytes[t]);
   }
   return ffi::Error::Success();
 }
@@ -484,12 +497,14 @@ class Channel {
     return ffi::Error::Success();
   }
 
-  // The device buffers of staging area `key`, allocated on first use (on a thread of their own, as in `Of`:
-  // the calling thread may be recording a CUDA graph). Never freed: compiled programs hold their addresses.
-  ffi::ErrorOr<std::vector<CUdeviceptr>> Staging(const StagingKey& key) {
+  // The device buffers of staging area `key`, allocated by the area's first start (`create`; on a thread of
+  // their own, as in `Of`: the calling thread may be recording a CUDA graph). Never freed: compiled programs
+  // hold their addresses.
+  ffi::ErrorOr<std::vector<CUdeviceptr>> Staging(const StagingKey& key, bool create) {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = staging_.find(key);
     if (it != staging_.end()) return it->second;
+    if (!create) return ffi::Unexpected(NoStagedFetch(key));
     std::vector<CUdeviceptr> buffers(key.bytes.size(), 0);
     std::string error;
     std::thread([&] {
@@ -713,6 +728,20 @@ ffi::ErrorOr<Channel*> CurrentChannel(const char* call) {
   return channel;
 }
 
+// Posts a request to copy rows `ids` of stacks `srcs` into device tables `dst` (addresses, one per stack).
+ffi::Error PostCopies(Channel& channel, void* stream, ffi::Buffer<ffi::S32>& ids, ffi::Span<const int64_t> srcs,
+                      ffi::Span<const int64_t> row_bytes, const std::vector<uint64_t>& dst, int64_t num_rows,
+                      int32_t* token) {
+  KernelTables src_tables, dst_tables;
+  src_tables.n = dst_tables.n = static_cast<int32_t>(srcs.size());
+  for (size_t t = 0; t < srcs.size(); ++t) {
+    src_tables.ptr[t] = static_cast<uint64_t>(srcs[t]);
+    src_tables.row[t] = dst_tables.row[t] = static_cast<uint64_t>(row_bytes[t]);
+    dst_tables.ptr[t] = dst[t];
+  }
+  return channel.Post(stream, ids.typed_data(), ids.element_count(), src_tables, dst_tables, num_rows, token);
+}
+
 ffi::Error StartCuda(void* stream, ffi::Buffer<ffi::S32> ids, ffi::RemainingArgs /*after*/, ffi::RemainingRets rets,
                      ffi::Span<const int64_t> srcs, ffi::Span<const int64_t> row_bytes, int64_t num_rows) {
   const size_t k = ids.element_count();
@@ -725,14 +754,9 @@ ffi::Error StartCuda(void* stream, ffi::Buffer<ffi::S32> ids, ffi::RemainingArgs
   }
   auto channel = CurrentChannel("pgj_fetch_start");
   if (!channel.has_value()) return channel.error();
-  KernelTables src, dst;
-  src.n = dst.n = static_cast<int32_t>(srcs.size());
-  for (size_t t = 0; t < srcs.size(); ++t) {
-    src.ptr[t] = static_cast<uint64_t>(srcs[t]);
-    src.row[t] = dst.row[t] = plan->rows[t];
-    dst.ptr[t] = reinterpret_cast<uint64_t>(plan->dst[t]);
-  }
-  return (*channel)->Post(stream, ids.typed_data(), k, src, dst, num_rows, reinterpret_cast<int32_t*>(plan->token));
+  std::vector<uint64_t> dst;
+  for (char* d : plan->dst) dst.push_back(reinterpret_cast<uint64_t>(d));
+  return PostCopies(**channel, stream, ids, srcs, row_bytes, dst, num_rows, reinterpret_cast<int32_t*>(plan->token));
 }
 
 ffi::Error DoneCuda(void* stream, ffi::RemainingArgs args, ffi::RemainingRets rets) {
@@ -781,16 +805,10 @@ ffi::Error StageStartCuda(void* stream, ffi::Buffer<ffi::S32> ids, ffi::Remainin
   if (!key.has_value()) return key.error();
   auto channel = CurrentChannel("pgj_stage_start");
   if (!channel.has_value()) return channel.error();
-  auto buffers = (*channel)->Staging(*key);
+  auto buffers = (*channel)->Staging(*key, /*create=*/true);
   if (!buffers.has_value()) return buffers.error();
-  KernelTables src, dst;
-  src.n = dst.n = static_cast<int32_t>(srcs.size());
-  for (size_t t = 0; t < srcs.size(); ++t) {
-    src.ptr[t] = static_cast<uint64_t>(srcs[t]);
-    src.row[t] = dst.row[t] = static_cast<uint64_t>(row_bytes[t]);
-    dst.ptr[t] = static_cast<uint64_t>((*buffers)[t]);
-  }
-  return (*channel)->Post(stream, ids.typed_data(), k, src, dst, num_rows, token->typed_data());
+  std::vector<uint64_t> dst(buffers->begin(), buffers->end());
+  return PostCopies(**channel, stream, ids, srcs, row_bytes, dst, num_rows, token->typed_data());
 }
 
 ffi::Error StageDoneCuda(void* stream, ffi::Buffer<ffi::S32> ids, ffi::Buffer<ffi::S32> token,
@@ -806,7 +824,7 @@ ffi::Error StageDoneCuda(void* stream, ffi::Buffer<ffi::S32> ids, ffi::Buffer<ff
   if (auto err = CheckResults("pgj_stage_done", rets, *key); err.failure()) return err;
   auto channel = CurrentChannel("pgj_stage_done");
   if (!channel.has_value()) return channel.error();
-  auto buffers = (*channel)->Staging(*key);
+  auto buffers = (*channel)->Staging(*key, /*create=*/false);
   if (!buffers.has_value()) return buffers.error();
   KernelTables tables;  // the staged rows: the wait zeroes those of ids < 0
   tables.n = static_cast<int32_t>(row_bytes.size());
